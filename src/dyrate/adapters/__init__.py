@@ -1,0 +1,47 @@
+"""Model adapters: everything the engine needs to know about one VLM family, behind one small
+interface (`ModelAdapter`). The engine never touches model internals beyond it, so LLaVA-NeXT or
+Qwen2-VL adapters plug in without engine changes."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from ..errors import CheckpointError
+
+
+class ModelAdapter(Protocol):
+    model: torch.nn.Module
+    n_layers: int  # decoder layers
+    layers: torch.nn.ModuleList  # called as layer(hidden, attention_mask=, position_embeddings=, position_ids=, past_key_values=, use_cache=)
+    max_positions: int
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, P) ids + images -> (B, P, d) input embeddings with image features in place."""
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, q) ids -> (B, q, d)."""
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """Position embeddings for (B, q) positions, as the decoder layers expect them."""
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, q, d) last hidden states -> (B, q, V) float logits (final norm + head)."""
+
+    def token_groups(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, P) group id per prompt token: 0 sys, 1 img, 2 ins, 4 pad."""
+
+
+def adapter_for(model) -> ModelAdapter:
+    """Pick the adapter for a loaded model."""
+    from transformers import LlavaForConditionalGeneration
+
+    from .llava import LlavaAdapter
+
+    if isinstance(model, LlavaForConditionalGeneration):
+        return LlavaAdapter(model)
+    raise CheckpointError(f"{type(model).__name__} is not supported yet (supported: LlavaForConditionalGeneration)")
+
+
+__all__ = ["ModelAdapter", "adapter_for"]

@@ -1,0 +1,49 @@
+"""The `dyrate` command line. Each sub-command lives in its own module with
+`add_arguments(parser)` and `run(args) -> int`; this file only wires them up."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import DyrateError
+
+# name -> (module, one-line help). Modules are imported when the parser is built.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("dyrate.commands.generate", "generate text for an image with a pruning policy"),
+    "flops": ("dyrate.commands.flops", "FLOPs ratio of a policy under a named convention"),
+    "demo": ("dyrate.commands.demo", "run every policy on the built-in model and compare them"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dyrate",
+        description="Prune visual tokens inside a VLM decoder with a rate that adapts at every generated token.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except DyrateError as err:
+        print(f"dyrate {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dyrate {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # python -m dyrate.cli
+    sys.exit(main())

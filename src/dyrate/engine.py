@@ -1,0 +1,284 @@
+"""The decoding engine: one module that owns the decoder-layer loop.
+
+Vocabulary
+- column: a position of the padded sequence as it grows (prompt columns 0..P-1, left padded, then
+  one column per generated token). Every column has a group (sys/img/ins/res/pad) and a RoPE
+  position (`cumsum(attention_mask) - 1`, as `model.generate` computes it).
+- segment: a run of decoder layers [start, end) that share one KV layout. Segment 0 holds the
+  layers before the first pruning stage and sees every token; segment s >= 1 starts at the layer
+  K_s of pruning stage s. Its probe is the attention of the newest query at layer K_s - 1, the
+  last layer of segment s-1.
+- slot: an entry of a segment's KV cache. `col[b, j]` is the column slot j of row b holds;
+  `valid` is False for left padding and for the holes that ragged eviction leaves; `attend` says
+  which keys queries may see (== valid in evict mode; mask mode also hides unkept image tokens).
+  Holes are always moved to the front, so the newest token of every row is the last slot.
+
+Evict mode gathers the KV cache of a segment's layers when its kept set shrinks (and, at prefill,
+drops pruned image tokens from the hidden states between layers K-1 and K). Mask mode keeps every
+slot and hides unkept image keys from the queries of layers >= K.
+
+The per-call `DecodeState` carries everything; nothing is stored on the model or the policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .adapters import ModelAdapter
+from .attention import ProbeRequest
+from .policies import Policy, Probe
+
+SYS, IMG, INS, RES, PAD = 0, 1, 2, 3, 4
+MODES = ("evict", "mask")
+
+
+@dataclass
+class Segment:
+    start: int  # first decoder layer
+    end: int  # one past the last decoder layer
+    col: torch.Tensor  # (B, S) long
+    valid: torch.Tensor  # (B, S) bool
+    attend: torch.Tensor  # (B, S) bool
+    dense: bool  # every slot valid and attended: masks can be skipped (SDPA is_causal / no mask)
+
+    def append(self, new_col: int) -> None:
+        """Add the slot of a new token (valid, attended) at the end."""
+        ones = self.valid.new_ones((self.col.shape[0], 1))
+        self.col = torch.cat([self.col, self.col.new_full(ones.shape, new_col)], dim=1)
+        self.valid = torch.cat([self.valid, ones], dim=1)
+        self.attend = torch.cat([self.attend, ones], dim=1)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.col, self.valid, self.attend = self.col[index], self.valid[index], self.attend[index]
+
+
+@dataclass
+class DecodeState:
+    """Everything one generate call carries from step to step (B rows)."""
+
+    cache: DynamicCache
+    segments: list[Segment]
+    group: torch.Tensor  # (B, C) long, group of every column
+    pos: torch.Tensor  # (B, C) long, RoPE position of every column
+    n_img: torch.Tensor  # (B,) long, image tokens of each row
+    policy_state: dict[str, torch.Tensor]
+    step: int = 0
+    records: list[dict[str, torch.Tensor]] = field(default_factory=list)  # one per forward pass
+
+    @property
+    def n_cols(self) -> int:
+        return self.group.shape[1]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Reorder rows (beam search): the cache, every segment, the policy state. Records are not
+        reordered; a finished hypothesis gathers its own through its beam indices."""
+        self.cache.reorder_cache(index)
+        for seg in self.segments:
+            seg.reorder(index)
+        self.group, self.pos, self.n_img = self.group[index], self.pos[index], self.n_img[index]
+        self.policy_state = {k: v[index] for k, v in self.policy_state.items()}
+
+
+class Engine:
+    """Runs prefill and decode steps of a wrapped model under a policy. Stateless between calls."""
+
+    def __init__(self, adapter: ModelAdapter, policy: Policy, mode: str = "evict"):
+        if mode not in MODES:
+            from .errors import InputError
+
+            raise InputError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        policy.validate(adapter.n_layers)
+        self.adapter, self.policy, self.mode = adapter, policy, mode
+        self.stages = policy.stages  # first layer of each pruning stage
+        bounds = [0, *self.stages, adapter.n_layers]
+        self.bounds = list(zip(bounds[:-1], bounds[1:]))  # (start, end) of each segment
+
+    # ------------------------------------------------------------------ prefill
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
+        """Run the prompt. input_ids, attention_mask: (B, P), left padded; pixel_values: (B, 3, H, W).
+        Returns the logits of the last prompt token (B, V) and the state for decoding."""
+        a = self.adapter
+        b, p = input_ids.shape
+        device = input_ids.device
+        valid = attention_mask.bool()
+        group = a.token_groups(input_ids, valid)  # (B, P)
+        pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(~valid, 0)  # as model.generate
+        state = DecodeState(
+            cache=DynamicCache(),
+            segments=[],
+            group=group,
+            pos=pos,
+            n_img=(group == IMG).sum(1),
+            policy_state=self.policy.init_state(b, device),
+        )
+        hidden = a.embed(input_ids, pixel_values)  # (B, P, d)
+        col = torch.arange(p, device=device).expand(b, p)
+        seg = Segment(0, self.bounds[0][1], col, valid, valid, dense=bool(valid.all()))
+        record = self._new_record(b, device)
+        for s, (start, end) in enumerate(self.bounds):
+            if s > 0:
+                seg, hidden = self._next_segment_prefill(state, seg, hidden, row, s, record, start, end)
+            state.segments.append(seg)
+            hidden, row = self._run_layers(state, seg, hidden, q=hidden.shape[1], record=record, s=s)
+        state.records.append(record)
+        logits = a.logits(hidden[:, -1:, :])[:, -1, :]  # (B, V)
+        return logits, state
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """One decode step. tokens: (B,) the tokens chosen last step. Returns logits (B, V)."""
+        a = self.adapter
+        b = tokens.shape[0]
+        state.step += 1
+        new_col = state.n_cols
+        state.group = torch.cat([state.group, state.group.new_full((b, 1), RES)], dim=1)
+        state.pos = torch.cat([state.pos, state.pos[:, -1:] + 1], dim=1)
+        hidden = a.embed_tokens(tokens[:, None])  # (B, 1, d)
+        record = self._new_record(b, tokens.device)
+        row = None
+        for s, seg in enumerate(state.segments):
+            if row is not None:  # the previous segment probed: stage s may change its kept set
+                self._decide(state, s, row, record)
+            seg.append(new_col)
+            hidden, row = self._run_layers(state, seg, hidden, q=1, record=record, s=s)
+        state.records.append(record)
+        return a.logits(hidden)[:, -1, :]
+
+    # ------------------------------------------------------------------ internals
+    def _new_record(self, b: int, device) -> dict[str, torch.Tensor]:
+        n_seg, n_stage = len(self.bounds), len(self.stages)
+        return {
+            "queries": torch.zeros(b, n_seg, dtype=torch.long, device=device),
+            "keys": torch.zeros(b, n_seg, dtype=torch.long, device=device),
+            "img": torch.zeros(b, n_seg, dtype=torch.long, device=device),
+            "shares": torch.full((b, n_stage, 4), float("nan"), device=device),
+            "rate": torch.full((b, n_stage), float("nan"), device=device),
+        }
+
+    def _wants_probe(self, state: DecodeState, s: int) -> bool:
+        """Does the segment after segment s need a probe of this step?"""
+        return s + 1 < len(self.bounds) and (state.step == 0 or self.policy.decode_probe)
+
+    def _run_layers(self, state: DecodeState, seg: Segment, hidden: torch.Tensor, q: int, record, s: int):
+        """Run the layers of `seg` on its last q slots. Returns the hidden states (B, q, d) and, if the
+        next stage needs it this step, the probe row of the segment's last layer (B, S) (else None)."""
+        a = self.adapter
+        position_ids = state.pos.gather(1, seg.col[:, -q:])  # (B, q)
+        pos_emb = a.rotary(hidden, position_ids)
+        mask = None if seg.dense else self._mask(seg, q)
+        request = ProbeRequest() if self._wants_probe(state, s) else None
+        for layer in range(seg.start, seg.end):
+            extra = {"probe": request} if request is not None and layer == seg.end - 1 else {}
+            hidden = a.layers[layer](
+                hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
+                past_key_values=state.cache, use_cache=True, **extra,
+            )
+        record["queries"][:, s] = seg.valid[:, -q:].sum(1)
+        record["keys"][:, s] = seg.attend.sum(1)
+        record["img"][:, s] = ((self._slot_groups(state, seg) == IMG) & seg.attend).sum(1)
+        return hidden, (request.row if request is not None else None)
+
+    @staticmethod
+    def _mask(seg: Segment, q: int) -> torch.Tensor:
+        """Boolean SDPA mask (B, 1, q, S) for the last q slots: attended keys at or before the query's
+        column, plus the query itself (so no row is empty)."""
+        s = seg.col.shape[1]
+        q_col = seg.col[:, -q:, None]  # (B, q, 1)
+        k_col = seg.col[:, None, :]  # (B, 1, S)
+        allowed = seg.attend[:, None, :] & (k_col <= q_col)  # (B, q, S)
+        diag = torch.arange(s - q, s, device=seg.col.device)[:, None] == torch.arange(s, device=seg.col.device)
+        return (allowed | diag).unsqueeze(1)
+
+    @staticmethod
+    def _slot_groups(state: DecodeState, seg: Segment) -> torch.Tensor:
+        """(B, S) group of every slot (PAD for invalid slots)."""
+        g = state.group.gather(1, seg.col.clamp(max=state.n_cols - 1))
+        return g.masked_fill(~seg.valid, PAD)
+
+    @staticmethod
+    def _kept_bitmap(state: DecodeState, seg: Segment) -> torch.Tensor:
+        """(B, C) bool over columns: True for the image columns `seg` attends and every other column."""
+        b, c = state.group.shape
+        bitmap = torch.zeros(b, c + 1, dtype=torch.bool, device=seg.col.device)
+        bitmap.scatter_(1, torch.where(seg.attend, seg.col, c), True)  # column c collects the rest
+        return bitmap[:, :c] | (state.group != IMG)
+
+    def _select(self, state: DecodeState, s: int, row: torch.Tensor, record, current: Segment | None):
+        """Ask the policy for stage s (segment s). `row` (B, S_prev) is the probe over the slots of
+        segment s-1; `current` is segment s as it stands (None at prefill). Returns a (B, C) bitmap of
+        the columns stage s keeps, or None when the policy leaves the kept set as it is."""
+        prev = state.segments[s - 1]
+        b = row.shape[0]
+        groups = self._slot_groups(state, prev)  # (B, S_prev)
+        shares = torch.zeros(b, 5, device=row.device).scatter_add_(1, groups, row)[:, :4]  # (B, 4)
+        record["shares"][:, s - 1] = shares
+        cand = (groups == IMG) & prev.attend  # image tokens the probe layer sees
+        if self.mode == "evict" and current is not None:  # evict: a token that left never returns
+            cand &= self._kept_bitmap(state, current).gather(1, prev.col)
+        probe = Probe(shares=shares, img_scores=row.masked_fill(~cand, 0.0), n_img=state.n_img,
+                      kept=cand.sum(1), step=state.step)
+        target = self.policy.keep(s - 1, probe, state.policy_state)
+        if target is None:
+            return None
+        k = torch.minimum(target.to(row.device).clamp(min=0), probe.kept)  # (B,)
+        record["rate"][:, s - 1] = self.policy.rate(s - 1, probe, k)
+        # rank the candidates by attention (ties: earlier slot first) and keep the top k of each row
+        order = row.masked_fill(~cand, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=row.device).expand_as(order))
+        chosen = cand & (rank < k[:, None])  # (B, S_prev)
+        c = state.n_cols
+        bitmap = torch.zeros(b, c + 1, dtype=torch.bool, device=row.device)
+        bitmap.scatter_(1, torch.where(chosen, prev.col, c), True)
+        return bitmap[:, :c] | (state.group != IMG)
+
+    @staticmethod
+    def _slot_groups(state: DecodeState, seg: Segment) -> torch.Tensor:
+        """(B, S) group of every slot (PAD for invalid slots)."""
+        g = state.group.gather(1, seg.col.clamp(max=state.n_cols - 1))
+        return g.masked_fill(~seg.valid, PAD)
+
+    def _next_segment_prefill(self, state, prev: Segment, hidden, row, s, record, start, end):
+        """Build segment s from segment s-1 between layers K_s - 1 and K_s of the prefill; in evict
+        mode the pruned image tokens leave the hidden states here."""
+        bitmap = self._select(state, s, row, record, current=None)
+        keep = prev.attend if bitmap is None else prev.attend & bitmap.gather(1, prev.col)  # (B, S_prev)
+        if self.mode == "mask":
+            return Segment(start, end, prev.col, prev.valid, keep, dense=bool(keep.all())), hidden
+        index, valid = _compact(keep)  # (B, S_new)
+        hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, S_new, d)
+        return Segment(start, end, prev.col.gather(1, index), valid, valid, dense=bool(valid.all())), hidden
+
+    def _decide(self, state: DecodeState, s: int, row: torch.Tensor, record) -> None:
+        """A decode-step decision for stage s: shrink (evict) or re-mask (mask) segments s, s+1, ..."""
+        bitmap = self._select(state, s, row, record, current=state.segments[s])
+        if bitmap is None:
+            return
+        for t in range(s, len(state.segments)):
+            seg = state.segments[t]
+            keep = seg.valid & bitmap.gather(1, seg.col)  # (B, S)
+            if self.mode == "mask":
+                seg.attend = keep if t == s else keep & seg.attend
+                seg.dense = bool(seg.attend.all())
+                continue
+            if bool((keep == seg.valid).all()):
+                continue  # nothing leaves this segment
+            index, valid = _compact(keep)  # (B, S_new)
+            for layer in range(seg.start, seg.end):
+                kv = state.cache.layers[layer]
+                idx = index[:, None, :, None].expand(-1, kv.keys.shape[1], -1, kv.keys.shape[-1])
+                kv.keys, kv.values = kv.keys.gather(2, idx), kv.values.gather(2, idx)  # (B, Hkv, S_new, D)
+            seg.col, seg.valid, seg.attend = seg.col.gather(1, index), valid, valid
+            seg.dense = bool(valid.all())
+
+
+def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order-preserving compaction of kept slots with holes moved to the front.
+    keep: (B, S) bool. Returns index (B, S_new) into the old slots and the new valid mask (B, S_new),
+    where S_new = the largest kept count of any row."""
+    n_new = int(keep.sum(1).max())
+    order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices  # unkept first, then kept in order
+    index = order[:, keep.shape[1] - n_new :]  # (B, S_new)
+    return index, keep.gather(1, index)

@@ -1,0 +1,102 @@
+"""The policy interface.
+
+A policy decides, for every pruning *stage* and every step, how many image tokens each row keeps.
+The engine owns everything else (probing, ranking, evicting, masking). A stage starts at decoder
+layer K (FastV's convention): layers < K are never pruned by it, the probe reads layer K-1, and
+layers >= K (until the next stage) see only the kept image tokens. Stages are nested: a later
+stage keeps a subset of an earlier one.
+
+A policy never stores per-call state on itself: whatever it remembers across steps lives in the
+`state` dict the engine creates with `init_state` and hands back each step (tensors with the batch
+as first dimension, so the engine can reorder them for beam search).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PolicySpecError
+
+GROUPS = ("sys", "img", "ins", "res")
+
+
+def keep_count(rate: float, n_img: int) -> int:
+    """Image tokens kept at reduction rate `rate`: ceil((1 - rate) * n_img), robust to float noise."""
+    return int(math.ceil(round((1.0 - rate) * n_img, 6)))
+
+
+def check_layer(k: int, name: str = "k") -> int:
+    if k < 1:
+        raise PolicySpecError(f"{name}={k}: the first pruned layer must be >= 1 (layer K-1 is the probe)")
+    return k
+
+
+def check_rate(r: float, name: str = "r") -> float:
+    if not 0.0 <= r < 1.0:
+        raise PolicySpecError(f"{name}={r}: a reduction rate must lie in [0, 1)")
+    return r
+
+
+@dataclass
+class Probe:
+    """What a policy sees at one stage and one step (batch of B rows).
+
+    shares: (B, 4) float, attention of the newest query at the probe layer summed per group
+            (sys, img, ins, res), head-averaged; each row sums to 1.
+    img_scores: (B, S) float, that attention on each image slot (0 where the slot is not an image
+            token the probe layer can see); the engine ranks image tokens by it.
+    n_img: (B,) long, image tokens of each row before any pruning.
+    kept: (B,) long, image tokens this stage keeps before this step's decision.
+    step: 0 at prefill, t at the t-th decode step.
+    """
+
+    shares: torch.Tensor
+    img_scores: torch.Tensor
+    n_img: torch.Tensor
+    kept: torch.Tensor
+    step: int
+
+
+class Policy:
+    """Base class. Subclasses are frozen dataclasses holding only configuration."""
+
+    #: name used in spec strings and the registry
+    name: str = "?"
+    #: True when decisions at decode steps need a fresh probe (False: decided once at prefill)
+    decode_probe: bool = False
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """First pruned layer of each stage, ascending (empty: no pruning, no probe)."""
+        return ()
+
+    def validate(self, n_layers: int) -> None:
+        """Raise PolicySpecError if the policy cannot run on a decoder with `n_layers` layers."""
+        for k in self.stages:
+            if k >= n_layers:
+                raise PolicySpecError(
+                    f"{self.spec()}: layer k={k} must be < the decoder's {n_layers} layers"
+                )
+
+    def init_state(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        return {}
+
+    def keep(self, stage: int, probe: Probe, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Target image-token count per row (B,) long for `stage`, or None to leave the kept set as it is."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def rate(self, stage: int, probe: Probe, keep: torch.Tensor) -> torch.Tensor:
+        """The reduction rate behind a decision, for the trace. Default: 1 - keep / n_img."""
+        return 1.0 - keep.float() / probe.n_img.clamp(min=1).float()
+
+    def static_image_tokens(self, n_img: int, n_layers: int) -> list[int] | None:
+        """Image tokens seen by each decoder layer, if that does not depend on the data (for FLOPs
+        without running a model); None for data-dependent policies."""
+        counts = [n_img] * n_layers
+        return counts
+
+    def spec(self) -> str:
+        return self.name

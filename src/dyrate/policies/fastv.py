@@ -1,0 +1,43 @@
+"""FastV (Chen et al., 2024, arXiv 2403.06764): at prefill, rank image tokens by the attention of the
+last prompt token at layer K-1 and drop the lowest R of them from layer K on; the kept set stays
+fixed for the rest of the generation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Policy, Probe, check_layer, check_rate, keep_count
+
+
+@dataclass(frozen=True)
+class FastV(Policy):
+    k: int = 2
+    r: float = 0.5
+    PARAMS = ("k", "r")
+    name = "fastv"
+    decode_probe = False
+
+    def __post_init__(self):
+        check_layer(self.k)
+        check_rate(self.r)
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return (self.k,)
+
+    def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
+        if probe.step > 0:
+            return None
+        return torch.tensor([keep_count(self.r, int(n)) for n in probe.n_img], device=probe.n_img.device)
+
+    def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
+        return [n_img] * self.k + [keep_count(self.r, n_img)] * (n_layers - self.k)
+
+    def spec(self) -> str:
+        return f"fastv:k={self.k},r={self.r:g}"
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "FastV":
+        return cls(k=int(params.get("k", 2)), r=float(params.get("r", 0.5)))

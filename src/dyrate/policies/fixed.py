@@ -1,0 +1,41 @@
+"""Fixed rate (the DyRate paper's FP ablation): the rate R is re-applied at every step from a fresh
+probe. In `evict` mode the kept set can only shrink, so with a constant R it equals FastV; in `mask`
+mode the top tokens of each step's ranking are attended, so tokens can come back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Policy, Probe, check_layer, check_rate, keep_count
+
+
+@dataclass(frozen=True)
+class FixedRate(Policy):
+    k: int = 2
+    r: float = 0.5
+    PARAMS = ("k", "r")
+    name = "fixed"
+    decode_probe = True
+
+    def __post_init__(self):
+        check_layer(self.k)
+        check_rate(self.r)
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return (self.k,)
+
+    def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
+        return torch.tensor([keep_count(self.r, int(n)) for n in probe.n_img], device=probe.n_img.device)
+
+    def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
+        return [n_img] * self.k + [keep_count(self.r, n_img)] * (n_layers - self.k)
+
+    def spec(self) -> str:
+        return f"fixed:k={self.k},r={self.r:g}"
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "FixedRate":
+        return cls(k=int(params.get("k", 2)), r=float(params.get("r", 0.5)))

@@ -1,0 +1,59 @@
+"""Depth schedule: several stages `K1=R1,K2=R2,...`, each dropping image tokens from layer Ki on so
+that a fraction Ri of *all* image tokens is gone there (rates non-decreasing with depth). Each stage
+ranks the tokens the previous stage kept by the attention at its own probe layer Ki-1, at prefill;
+the sets stay fixed afterwards. The DyRate paper's depth-based ablation (DP) and PDrop-like
+pyramids (arXiv 2410.17247) are instances, e.g. `schedule:8=0.5,16=0.75,24=0.875`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PolicySpecError
+from .base import Policy, Probe, check_layer, check_rate, keep_count
+
+
+@dataclass(frozen=True)
+class DepthSchedule(Policy):
+    steps: tuple[tuple[int, float], ...] = ((2, 0.5),)
+    name = "schedule"
+    decode_probe = False
+
+    def __post_init__(self):
+        if not self.steps:
+            raise PolicySpecError("schedule: give at least one LAYER=RATE stage")
+        layers = [check_layer(k, "layer") for k, _ in self.steps]
+        rates = [check_rate(r, f"rate of layer {k}") for k, r in self.steps]
+        if layers != sorted(set(layers)):
+            raise PolicySpecError(f"schedule: layers {layers} must be distinct and ascending")
+        if rates != sorted(rates):
+            raise PolicySpecError(f"schedule: rates {rates} must not decrease with depth")
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return tuple(k for k, _ in self.steps)
+
+    def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
+        if probe.step > 0:
+            return None
+        r = self.steps[stage][1]
+        return torch.tensor([keep_count(r, int(n)) for n in probe.n_img], device=probe.n_img.device)
+
+    def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
+        counts = [n_img] * n_layers
+        for k, r in self.steps:
+            for layer in range(k, n_layers):
+                counts[layer] = keep_count(r, n_img)
+        return counts
+
+    def spec(self) -> str:
+        return "schedule:" + ",".join(f"{k}={r:g}" for k, r in self.steps)
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "DepthSchedule":
+        try:
+            steps = tuple((int(k), float(v)) for k, v in params.items())
+        except ValueError as err:
+            raise PolicySpecError(f"schedule: stages are LAYER=RATE pairs ({err})") from None
+        return cls(steps=steps)
