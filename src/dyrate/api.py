@@ -44,6 +44,10 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
         raise CheckpointError(f"{path}: a {type(config).__name__} checkpoint, not a LLaVA one (model_type 'llava')")
     if not any(path.glob("*.safetensors")):
         raise CheckpointError(f"{path}: no *.safetensors weights (other weight formats are refused)")
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a tiny checkpoint loads in a blink; keep stderr for real messages
     try:
         model = LlavaForConditionalGeneration.from_pretrained(
             path, local_files_only=True, use_safetensors=True, dtype=dtype or "auto"
@@ -51,6 +55,9 @@ def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str |
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot load the checkpoint ({str(err).splitlines()[0]})") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     if device:
         model = model.to(device)
     return model.eval(), processor

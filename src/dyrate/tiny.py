@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -78,7 +78,7 @@ def tiny_model(seed: int = 0, **config_kwargs) -> tuple[LlavaForConditionalGener
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
     size = config.vision_config.image_size
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         do_center_crop=True, do_resize=True,
     )

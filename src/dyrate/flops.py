@@ -1,0 +1,360 @@
+"""Analytic FLOPs of a VLM decoder whose layers see different numbers of image tokens.
+
+Conventions (DESIGN.md section 4; name the convention beside every figure you report):
+
+* Per decoder layer, hidden size d, FFN width m, with q new tokens attending to n keys:
+  linear part ``q * (4 d^2 + 2 d m)`` (the ``"2dm"`` variant, FastV's paper; ``"3dm"`` counts the
+  three matrices of a gated FFN such as Llama's), attention ``2 q n d``. Layer norms, softmax,
+  RoPE, the embedding and the LM head are not counted, and the linear part assumes
+  ``n_heads * head_dim == d`` with as many KV heads as query heads (FastV's simplification).
+* ``prefill`` (FastV's Eq. 5): one forward over the prompt. Layer l sees ``n_l = text + img_l``
+  tokens, all of them queries: ``F(n_l) = 4 n_l d^2 + 2 n_l^2 d + 2 n_l d m``.
+* ``cached``: the prefill, then ``T-1`` decode steps with a KV cache (what generation executes).
+  Decode step t = 1..T-1 has one query attending to ``img_l + text + t`` keys at layer l.
+* ``nocache``: each of the T steps t = 0..T-1 recomputes the whole sequence,
+  ``q = n = img_l + text + t`` at layer l (how several papers count generation).
+
+``text_tokens`` counts every prompt token that is not an image token (system prompt and
+instruction). Image-token counts are given per layer: the first K layers of a pruning policy
+always see every image token, so even with every image token gone from layer K on the ratio
+cannot fall below the *floor* (``floor_ratio``), which every report prints beside the ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointError, InputError, PolicySpecError
+
+CONVENTIONS = ("prefill", "cached", "nocache")
+FFN_VARIANTS = ("2dm", "3dm")
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """What the FLOPs and KV-cache formulas need to know about a VLM's language decoder.
+
+    hidden is d, ffn is the FFN width m, n_img the image tokens one image becomes; vocab is
+    informational (the LM head is not counted).
+    """
+
+    name: str
+    n_layers: int
+    hidden: int
+    ffn: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_img: int
+    vocab: int | None = None
+
+    def __post_init__(self):
+        for field in ("n_layers", "hidden", "ffn", "n_heads", "n_kv_heads", "head_dim", "n_img"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise InputError(f"decoder shape {self.name!r}: {field}={value!r} must be a positive integer")
+
+    @classmethod
+    def from_config(cls, config, name: str | None = None) -> "DecoderShape":
+        """The shape of a transformers ``LlavaConfig``: the decoder from ``text_config``, the image
+        tokens from the vision tower, ``(image_size // patch_size)**2`` plus one (the CLS token)
+        when ``vision_feature_select_strategy == "full"``.
+
+        ``image_seq_length`` is not used by the LLaVA model itself, so when it disagrees with the
+        vision tower the vision tower wins and a warning says so.
+        """
+        text, vision = getattr(config, "text_config", None), getattr(config, "vision_config", None)
+        model_type = getattr(config, "model_type", None)
+        if model_type != "llava" or text is None or vision is None:
+            raise CheckpointError(
+                f"not a LLaVA config (model_type {model_type!r}); dyrate flops supports model_type 'llava'"
+            )
+        side = vision.image_size // vision.patch_size
+        n_img = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+        declared = getattr(config, "image_seq_length", None)
+        if declared is not None and declared != n_img:
+            warnings.warn(
+                f"config image_seq_length={declared} but the vision tower gives {n_img} image tokens "
+                f"(image_size {vision.image_size}, patch {vision.patch_size}, "
+                f"strategy {config.vision_feature_select_strategy!r}); using {n_img}",
+                stacklevel=2,
+            )
+        n_heads = text.num_attention_heads
+        return cls(
+            name=name or getattr(config, "name_or_path", "") or model_type,
+            n_layers=text.num_hidden_layers,
+            hidden=text.hidden_size,
+            ffn=text.intermediate_size,
+            n_heads=n_heads,
+            n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // n_heads,
+            n_img=n_img,
+            vocab=getattr(text, "vocab_size", None),
+        )
+
+
+NAMED_SHAPES: dict[str, DecoderShape] = {
+    "llava-1.5-7b": DecoderShape(
+        "llava-1.5-7b", n_layers=32, hidden=4096, ffn=11008, n_heads=32, n_kv_heads=32,
+        head_dim=128, n_img=576, vocab=32064,
+    ),
+    "llava-1.5-13b": DecoderShape(
+        "llava-1.5-13b", n_layers=40, hidden=5120, ffn=13824, n_heads=40, n_kv_heads=40,
+        head_dim=128, n_img=576, vocab=32064,
+    ),
+}
+
+
+def resolve_shape(name_or_dir: str | os.PathLike | DecoderShape) -> DecoderShape:
+    """A named shape (see ``NAMED_SHAPES``) or a local checkpoint directory holding a LLaVA
+    ``config.json`` (never downloads anything)."""
+    if isinstance(name_or_dir, DecoderShape):
+        return name_or_dir
+    key = str(name_or_dir)
+    if key.lower() in NAMED_SHAPES:
+        return NAMED_SHAPES[key.lower()]
+    path = Path(key)
+    if not path.exists():
+        raise CheckpointError(
+            f"{key!r} is neither a known shape ({', '.join(NAMED_SHAPES)}) nor a checkpoint directory"
+        )
+    if path.is_file():  # a config.json given directly
+        path = path.parent
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{key}: no config.json in this directory")
+    try:  # check the model type first: AutoConfig's own error for other models is long
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{config_file}: unreadable config ({err})") from None
+    if model_type != "llava":
+        raise CheckpointError(
+            f"{config_file}: model_type {model_type!r} is not a LLaVA config; "
+            "dyrate flops supports model_type 'llava'"
+        )
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # transformers raises many kinds; the user needs one line
+        raise CheckpointError(f"{config_file}: cannot load the config ({str(err).splitlines()[0]})") from None
+    return DecoderShape.from_config(config, name=str(path))
+
+
+# --- the formulas -------------------------------------------------------------------------------
+
+
+def _check_ffn(ffn: str) -> int:
+    if ffn not in FFN_VARIANTS:
+        raise InputError(f"unknown FFN convention {ffn!r}; expected one of {', '.join(FFN_VARIANTS)}")
+    return int(ffn[0])  # matrices of width m in the FFN
+
+
+def _check_count(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def layer_flops(shape: DecoderShape, q: int, n: int, ffn: str = "2dm") -> int:
+    """FLOPs of one decoder layer where q new tokens attend to n keys:
+    ``q (4 d^2 + 2 d m) + 2 q n d`` (``3 d m`` with ``ffn="3dm"``)."""
+    c = _check_ffn(ffn)
+    q, n = _check_count(q, "queries"), _check_count(n, "keys")
+    d, m = shape.hidden, shape.ffn
+    return q * (4 * d * d + c * d * m) + 2 * q * n * d
+
+
+def _per_layer(shape: DecoderShape, values: int | Sequence[int], what: str) -> list[int]:
+    if isinstance(values, int):
+        return [values] * shape.n_layers
+    values = list(values)
+    if len(values) != shape.n_layers:
+        raise InputError(f"{what}: got {len(values)} values for a decoder of {shape.n_layers} layers")
+    return values
+
+
+def forward_flops(
+    shape: DecoderShape, q_per_layer: int | Sequence[int], n_per_layer: int | Sequence[int], ffn: str = "2dm"
+) -> int:
+    """FLOPs of one forward pass: ``layer_flops`` summed over layers (an int is used for every layer)."""
+    qs = _per_layer(shape, q_per_layer, "queries per layer")
+    ns = _per_layer(shape, n_per_layer, "keys per layer")
+    return sum(layer_flops(shape, q, n, ffn) for q, n in zip(qs, ns))
+
+
+def _steps_needed(convention: str, new_tokens: int) -> int:
+    if convention not in CONVENTIONS:
+        raise InputError(f"unknown FLOPs convention {convention!r}; expected one of {', '.join(CONVENTIONS)}")
+    _check_count(new_tokens, "new_tokens")
+    if convention == "prefill":
+        return 1
+    if new_tokens < 1:
+        raise InputError(f"the {convention} convention needs new_tokens >= 1, got {new_tokens}")
+    return new_tokens
+
+
+def _image_steps(shape: DecoderShape, image_tokens, steps: int) -> list[list[int]]:
+    """Normalise image tokens to one checked per-layer list per step (one list or int: every step)."""
+    if not isinstance(image_tokens, int) and len(image_tokens) and isinstance(image_tokens[0], Sequence):
+        if len(image_tokens) < steps or (steps > 1 and len(image_tokens) != steps):
+            raise InputError(f"image tokens given for {len(image_tokens)} steps, the generation has {steps}")
+        given = list(image_tokens[:steps])
+    else:
+        given = [image_tokens]
+    per_step = []
+    for t, layers in enumerate(given):
+        layers = _per_layer(shape, layers, f"image tokens of step {t}")
+        for layer, count in enumerate(layers):
+            _check_count(count, f"image tokens of layer {layer} at step {t}")
+        per_step.append(layers)
+    return per_step if len(per_step) == steps else per_step * steps
+
+
+def generation_flops(
+    shape: DecoderShape,
+    text_tokens: int,
+    new_tokens: int,
+    image_tokens: Sequence[int] | Sequence[Sequence[int]],
+    convention: str = "prefill",
+    ffn: str = "2dm",
+) -> int:
+    """FLOPs of generating ``new_tokens`` tokens under ``convention`` (see the module docstring).
+
+    ``image_tokens`` is one per-layer list (a static policy: the same at every step) or a list
+    over steps of per-layer lists (step 0 = prefill, then one per decode step: ``new_tokens``
+    of them for ``cached``/``nocache``; ``prefill`` reads step 0 only).
+    """
+    steps = _steps_needed(convention, new_tokens)
+    text_tokens = _check_count(text_tokens, "text_tokens")
+    per_step = _image_steps(shape, image_tokens, steps)
+    prompt = [img + text_tokens for img in per_step[0]]
+    if convention == "prefill":
+        return forward_flops(shape, prompt, prompt, ffn)
+    if convention == "cached":
+        decode = sum(
+            forward_flops(shape, 1, [img + text_tokens + t for img in per_step[t]], ffn) for t in range(1, steps)
+        )
+        return forward_flops(shape, prompt, prompt, ffn) + decode
+    total = 0  # nocache: every step recomputes the whole sequence
+    for t in range(steps):
+        seq = [img + text_tokens + t for img in per_step[t]]
+        total += forward_flops(shape, seq, seq, ffn)
+    return total
+
+
+def flops_ratio(
+    shape: DecoderShape,
+    image_tokens: Sequence[int] | Sequence[Sequence[int]],
+    text_tokens: int,
+    new_tokens: int = 1,
+    convention: str = "prefill",
+    ffn: str = "2dm",
+    full_image_tokens: int | None = None,
+) -> dict:
+    """FLOPs with ``image_tokens`` (as in ``generation_flops``) over FLOPs with every layer seeing
+    all ``full_image_tokens`` (default ``shape.n_img``) at every step.
+
+    Returns ``{"ratio", "flops", "full_flops", "convention", "ffn"}``.
+    """
+    full_img = shape.n_img if full_image_tokens is None else _check_count(full_image_tokens, "full_image_tokens")
+    flops = generation_flops(shape, text_tokens, new_tokens, image_tokens, convention, ffn)
+    per_step = _image_steps(shape, image_tokens, _steps_needed(convention, new_tokens))
+    if any(count > full_img for layers in per_step for count in layers):
+        raise InputError(f"a layer sees more image tokens than the {full_img} of the unpruned model")
+    full = generation_flops(shape, text_tokens, new_tokens, [full_img] * shape.n_layers, convention, ffn)
+    return {"ratio": flops / full, "flops": flops, "full_flops": full, "convention": convention, "ffn": ffn}
+
+
+def floor_ratio(
+    shape: DecoderShape, k: int, text_tokens: int, new_tokens: int = 1, convention: str = "prefill", ffn: str = "2dm"
+) -> float:
+    """The lowest ratio any policy pruning from layer k on can reach: every image token gone from
+    layer k on (the first k layers always see them all)."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < shape.n_layers:
+        raise InputError(f"k={k!r}: the first pruned layer must lie in 1..{shape.n_layers - 1}")
+    counts = [shape.n_img] * k + [0] * (shape.n_layers - k)
+    return flops_ratio(shape, counts, text_tokens, new_tokens, convention, ffn)["ratio"]
+
+
+def prefill_floor(shape: DecoderShape, k: int, text_tokens: int, ffn: str = "2dm") -> float:
+    """``floor_ratio`` in the prefill convention, about ``k/L + (L-k)/L * text share``."""
+    return floor_ratio(shape, k, text_tokens, 1, "prefill", ffn)
+
+
+def kv_cache_bytes(
+    shape: DecoderShape, tokens_per_layer: Sequence[int], batch: int = 1, dtype_bytes: int = 2
+) -> int:
+    """Bytes of a KV cache holding ``tokens_per_layer[l]`` tokens at layer l for ``batch`` rows:
+    ``2 (K and V) * n_kv_heads * head_dim * dtype_bytes * sum(tokens_per_layer) * batch``."""
+    tokens = _per_layer(shape, list(tokens_per_layer), "cached tokens per layer")
+    for layer, count in enumerate(tokens):
+        _check_count(count, f"cached tokens of layer {layer}")
+    for value, what in ((batch, "batch"), (dtype_bytes, "dtype_bytes")):
+        if _check_count(value, what) < 1:
+            raise InputError(f"{what} must be >= 1, got {value}")
+    return 2 * shape.n_kv_heads * shape.head_dim * dtype_bytes * sum(tokens) * batch
+
+
+def policy_flops(
+    shape: DecoderShape,
+    policy_spec,
+    text_tokens: int,
+    new_tokens: int = 1,
+    convention: str = "prefill",
+    ffn: str = "2dm",
+) -> dict:
+    """FLOPs of a static policy (spec string or Policy) without running a model.
+
+    Returns ``flops_ratio``'s keys plus ``policy`` (its spec), ``k`` (first pruned layer, None if
+    the policy never prunes), ``floor`` (``floor_ratio`` at that k in the same convention, None
+    without k), ``image_tokens`` (per layer), ``retained`` (mean fraction of image tokens seen by
+    layers k..L-1) and ``kv_cache_bytes`` / ``full_kv_cache_bytes`` (fp16, batch 1, the cache at the
+    end of the generation: prompt plus ``new_tokens - 1`` tokens).
+    """
+    from .policies import parse_policy
+
+    policy = parse_policy(policy_spec)
+    policy.validate(shape.n_layers)
+    counts = policy.static_image_tokens(shape.n_img, shape.n_layers)
+    if counts is None:
+        raise PolicySpecError(
+            f"{policy.spec()}: its FLOPs depend on the data; run it with `dyrate generate --json` "
+            "to get its measured FLOPs"
+        )
+    result = flops_ratio(shape, counts, text_tokens, new_tokens, convention, ffn)
+    k = min(policy.stages) if policy.stages else None
+    pruned = counts[k:] if k is not None else counts
+    cached = text_tokens + max(new_tokens - 1, 0)
+    result.update(
+        policy=policy.spec(),
+        k=k,
+        floor=None if k is None else floor_ratio(shape, k, text_tokens, new_tokens, convention, ffn),
+        image_tokens=counts,
+        retained=sum(pruned) / (len(pruned) * shape.n_img),
+        kv_cache_bytes=kv_cache_bytes(shape, [img + cached for img in counts]),
+        full_kv_cache_bytes=kv_cache_bytes(shape, [shape.n_img + cached] * shape.n_layers),
+    )
+    return result
+
+
+__all__ = [
+    "CONVENTIONS",
+    "FFN_VARIANTS",
+    "NAMED_SHAPES",
+    "DecoderShape",
+    "floor_ratio",
+    "flops_ratio",
+    "forward_flops",
+    "generation_flops",
+    "kv_cache_bytes",
+    "layer_flops",
+    "policy_flops",
+    "prefill_floor",
+    "resolve_shape",
+]

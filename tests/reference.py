@@ -1,0 +1,129 @@
+"""An independent, slow reference for pruned generation (greedy, one row, no padding).
+
+It shares no code with the engine: every step recomputes the whole sequence with no cache, layer by
+layer, with eager attention computed here from the module weights, under per-layer, per-query masks
+that hide the image keys a query may not see. The probe is computed from q and k directly. The
+policies' rules are restated here from DESIGN.md, not imported.
+
+Semantics restated: a query processed at step t (prompt tokens at step 0, the t-th generated
+token's column at step t) sees, in the layers of stage s, the image columns visible[t][s]. At each
+step, stage s decides at its probe layer K_s - 1 from the newest query's head-averaged attention:
+evict keeps the top min(target, |cand|) of the tokens still kept (cand = visible[t-1][s] minus what
+earlier stages dropped this step); mask keeps the top target of those the probe layer sees.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+def policy_rule(spec: str):
+    """(stages, target(stage, step, n_img) -> int | None) restated from the policy docs."""
+    name, _, rest = spec.partition(":")
+    params = dict(p.split("=") for p in rest.split(",") if p)
+    keep = lambda r, n: int(math.ceil(round((1 - r) * n, 6)))  # noqa: E731
+    if name == "none":
+        return ((int(params["k"]),) if "k" in params else ()), (lambda s, t, n: n)
+    if name == "fastv":
+        k, r = int(params["k"]), float(params["r"])
+        return (k,), (lambda s, t, n: keep(r, n) if t == 0 else None)
+    if name == "fixed":
+        k, r = int(params["k"]), float(params["r"])
+        return (k,), (lambda s, t, n: keep(r, n))
+    if name == "vtw":
+        return (int(params["k"]),), (lambda s, t, n: 0 if t == 0 else None)
+    if name == "schedule":
+        steps = sorted((int(a), float(b)) for a, b in params.items())
+        return tuple(k for k, _ in steps), (lambda s, t, n: keep(steps[s][1], n) if t == 0 else None)
+    raise ValueError(spec)
+
+
+def _layer(layer, h, positions, rotary, mask, probe_out=None):
+    """One Llama decoder layer, eager. h: (T, d); mask: (T, T) bool (True = attend)."""
+    attn = layer.self_attn
+    n_t = h.shape[0]
+    x = layer.input_layernorm(h)
+    d_head = attn.head_dim
+    q = attn.q_proj(x).view(n_t, -1, d_head).transpose(0, 1)  # (H, T, D)
+    k = attn.k_proj(x).view(n_t, -1, d_head).transpose(0, 1)  # (Hkv, T, D)
+    v = attn.v_proj(x).view(n_t, -1, d_head).transpose(0, 1)
+    cos, sin = rotary(h[None], positions[None])
+    q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
+    q, k = q[0], k[0]
+    rep = q.shape[0] // k.shape[0]
+    k, v = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # (H, T, D)
+    scores = (q @ k.transpose(1, 2)) * attn.scaling  # (H, T, T)
+    scores = scores.masked_fill(~mask[None], float("-inf"))
+    p = scores.float().softmax(-1)
+    if probe_out is not None:
+        probe_out.append(p[:, -1, :].mean(0))  # newest query, head-averaged (T,)
+    o = (p.to(v.dtype) @ v).transpose(0, 1).reshape(n_t, -1)
+    h = h + attn.o_proj(o)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+@torch.no_grad()
+def reference_generate(model, input_ids, pixel_values, spec: str, mode: str, max_new_tokens: int, eos: int):
+    """Returns (new token ids, kept image columns per stage per step)."""
+    lm = model.model.language_model
+    image_id = model.config.image_token_id
+    ids = input_ids[0].tolist()
+    n_prompt = len(ids)
+    img_cols = [c for c, tok in enumerate(ids) if tok == image_id]
+    stages, target = policy_rule(spec)
+    feats = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output[0]
+    prompt_emb = lm.embed_tokens(input_ids[0]).clone()
+    prompt_emb[torch.tensor(img_cols)] = feats
+    bounds = [0, *stages, len(lm.layers)]
+    stage_of = [max(i for i in range(len(bounds) - 1) if bounds[i] <= layer) for layer in range(len(lm.layers))]
+    visible: list[list[set[int]]] = []  # visible[t][s]: image columns stage s lets step t's queries see
+    new_tokens: list[int] = []
+    for t in range(max_new_tokens):
+        seq = ids + new_tokens
+        n_t = len(seq)
+        step_of = [0 if c < n_prompt else c - n_prompt + 1 for c in range(n_t)]
+        h = torch.cat([prompt_emb, lm.embed_tokens(torch.tensor(new_tokens, dtype=torch.long))]) if new_tokens else prompt_emb
+        positions = torch.arange(n_t)
+        vis_t: list[set[int]] = [set(img_cols)]
+        visible.append(vis_t)
+        is_img = torch.zeros(n_t, dtype=torch.bool)
+        is_img[img_cols] = True
+        causal = torch.ones(n_t, n_t, dtype=torch.bool).tril()
+        for layer_idx, layer in enumerate(lm.layers):
+            s = stage_of[layer_idx]
+            seen = torch.zeros(n_t, n_t, dtype=torch.bool)  # seen[i, j]: image column j visible to query i
+            for i in range(n_t):
+                seen[i, sorted(visible[step_of[i]][s])] = True
+            mask = causal & (~is_img[None, :] | seen | torch.eye(n_t, dtype=torch.bool))
+            is_probe = s + 1 < len(bounds) - 1 and layer_idx == bounds[s + 1] - 1
+            probe_out = [] if is_probe else None
+            h = _layer(layer, h, positions, lm.rotary_emb, mask, probe_out)
+            if is_probe:
+                row = probe_out[0]
+                ns = s + 1
+                seen_probe = vis_t[s]  # image columns the probe layer lets this query see
+                n_img = len(img_cols)
+                if mode == "evict":
+                    before = visible[t - 1][ns] if t > 0 else set(img_cols)
+                    cand = sorted(before & seen_probe)
+                else:
+                    cand = sorted(seen_probe)
+                want = target(ns - 1, t, n_img)
+                if want is None:
+                    prev = visible[t - 1][ns] if t > 0 else set(img_cols)
+                    vis_t.append(prev & seen_probe)
+                else:
+                    k = min(want, len(cand))
+                    ranked = sorted(cand, key=lambda c: (-float(row[c]), c))
+                    vis_t.append(set(ranked[:k]))
+        logits = model.lm_head(lm.norm(h[-1:]))[0]
+        nxt = int(logits.argmax())
+        new_tokens.append(nxt)
+        if nxt == eos:
+            break
+    kept = [[sorted(v) for v in vis[1:]] for vis in visible]
+    return new_tokens, kept
+
