@@ -43,6 +43,8 @@ class Segment:
     valid: torch.Tensor  # (B, S) bool
     attend: torch.Tensor  # (B, S) bool
     dense: bool  # every slot valid and attended: masks can be skipped (SDPA is_causal / no mask)
+    n_keys: torch.Tensor | None = None  # (B,) attended keys, kept up to date (see Engine._recount)
+    n_img: torch.Tensor | None = None  # (B,) attended image keys
 
     def append(self, new_col: int) -> None:
         """Add the slot of a new token (valid, attended) at the end."""
@@ -50,9 +52,11 @@ class Segment:
         self.col = torch.cat([self.col, self.col.new_full(ones.shape, new_col)], dim=1)
         self.valid = torch.cat([self.valid, ones], dim=1)
         self.attend = torch.cat([self.attend, ones], dim=1)
+        self.n_keys = self.n_keys + 1  # a generated token is never an image token
 
     def reorder(self, index: torch.Tensor) -> None:
         self.col, self.valid, self.attend = self.col[index], self.valid[index], self.attend[index]
+        self.n_keys, self.n_img = self.n_keys[index], self.n_img[index]
 
 
 @dataclass
@@ -117,6 +121,7 @@ class Engine:
         hidden = a.embed(input_ids, pixel_values)  # (B, P, d)
         col = torch.arange(p, device=device).expand(b, p)
         seg = Segment(0, self.bounds[0][1], col, valid, valid, dense=bool(valid.all()))
+        self._recount(state, seg)
         record = self._new_record(b, device)
         for s, (start, end) in enumerate(self.bounds):
             if s > 0:
@@ -176,9 +181,9 @@ class Engine:
                 hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
                 past_key_values=state.cache, use_cache=True, **extra,
             )
-        record["queries"][:, s] = seg.valid[:, -q:].sum(1)
-        record["keys"][:, s] = seg.attend.sum(1)
-        record["img"][:, s] = ((self._slot_groups(state, seg) == IMG) & seg.attend).sum(1)
+        record["queries"][:, s] = 1 if q == 1 else seg.valid[:, -q:].sum(1)
+        record["keys"][:, s] = seg.n_keys
+        record["img"][:, s] = seg.n_img
         return hidden, (request.row if request is not None else None)
 
     @staticmethod
@@ -240,16 +245,24 @@ class Engine:
         g = state.group.gather(1, seg.col.clamp(max=state.n_cols - 1))
         return g.masked_fill(~seg.valid, PAD)
 
+    def _recount(self, state: DecodeState, seg: Segment) -> Segment:
+        """Refresh a segment's key counts after its slots or mask changed (not on the hot path)."""
+        seg.n_keys = seg.attend.sum(1)
+        seg.n_img = ((self._slot_groups(state, seg) == IMG) & seg.attend).sum(1)
+        return seg
+
     def _next_segment_prefill(self, state, prev: Segment, hidden, row, s, record, start, end):
         """Build segment s from segment s-1 between layers K_s - 1 and K_s of the prefill; in evict
         mode the pruned image tokens leave the hidden states here."""
         bitmap = self._select(state, s, row, record, current=None)
         keep = prev.attend if bitmap is None else prev.attend & bitmap.gather(1, prev.col)  # (B, S_prev)
         if self.mode == "mask":
-            return Segment(start, end, prev.col, prev.valid, keep, dense=bool(keep.all())), hidden
+            seg = Segment(start, end, prev.col, prev.valid, keep, dense=bool(keep.all()))
+            return self._recount(state, seg), hidden
         index, valid = _compact(keep)  # (B, S_new)
         hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, S_new, d)
-        return Segment(start, end, prev.col.gather(1, index), valid, valid, dense=bool(valid.all())), hidden
+        seg = Segment(start, end, prev.col.gather(1, index), valid, valid, dense=bool(valid.all()))
+        return self._recount(state, seg), hidden
 
     def _decide(self, state: DecodeState, s: int, row: torch.Tensor, record) -> None:
         """A decode-step decision for stage s: shrink (evict) or re-mask (mask) segments s, s+1, ..."""
@@ -262,6 +275,7 @@ class Engine:
             if self.mode == "mask":
                 seg.attend = keep if t == s else keep & seg.attend
                 seg.dense = bool(seg.attend.all())
+                self._recount(state, seg)
                 continue
             if bool((keep == seg.valid).all()):
                 continue  # nothing leaves this segment
@@ -272,6 +286,7 @@ class Engine:
                 kv.keys, kv.values = kv.keys.gather(2, idx), kv.values.gather(2, idx)  # (B, Hkv, S_new, D)
             seg.col, seg.valid, seg.attend = seg.col.gather(1, index), valid, valid
             seg.dense = bool(valid.all())
+            self._recount(state, seg)
 
 
 def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
