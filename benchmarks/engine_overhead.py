@@ -1,0 +1,90 @@
+"""Generation time of dyrate with pruning off, relative to `model.generate`, on the same model.
+
+Both sides run end to end from PIL image + prompt (processor included) and produce the same tokens
+(checked). Warm-up runs are excluded; the figure is the median over repeats. The last line of the
+output is one JSON object.
+
+    python benchmarks/engine_overhead.py [--layers 8] [--hidden 512] [--batch 1,4] [--new-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+from PIL import Image
+
+import dyrate
+from dyrate.api import build_prompt
+from dyrate.tiny import tiny_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--image-size", type=int, default=96, help="pixels; patch 8, so (size/8)^2 image tokens")
+    ap.add_argument("--batch", default="1,4")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    def build():
+        model, processor = tiny_model(seed=0, n_layers=args.layers, hidden=args.hidden, heads=8, kv_heads=8,
+                                      image_size=args.image_size)
+        model.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens tokens
+        return model.to(args.device), processor
+
+    ours, processor = build()
+    vanilla, _ = build()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for b in map(int, args.batch.split(",")):
+        images = [Image.fromarray((torch.rand(64, 64, 3, generator=gen) * 255).to(torch.uint8).numpy()) for _ in range(b)]
+        prompts = [f"Describe picture number {i} in a few words." for i in range(b)]
+
+        def run_hf():
+            batch = processor(images=images, text=[build_prompt(processor, p) for p in prompts], return_tensors="pt",
+                              padding=True, padding_side="left").to(args.device)
+            with torch.inference_mode():
+                out = vanilla.generate(**batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                       do_sample=False)
+            return out[:, batch["input_ids"].shape[1]:].tolist()
+
+        def run_ours():
+            res = dyrate.generate(ours, processor, images, prompts, policy="none", max_new_tokens=args.new_tokens)
+            return [r.token_ids for r in res]
+
+        assert run_hf() == run_ours(), "token mismatch"
+        times = {"hf": [], "dyrate": []}
+        for _ in range(args.repeats):  # interleaved, so drifts hit both sides alike
+            for name, fn in (("hf", run_hf), ("dyrate", run_ours)):
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                fn()
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+        hf, ours_t = statistics.median(times["hf"]), statistics.median(times["dyrate"])
+        n_img = (args.image_size // 8) ** 2
+        rows.append({"batch": b, "hf_s": round(hf, 4), "dyrate_s": round(ours_t, 4), "ratio": round(ours_t / hf, 4)})
+        print(f"batch {b}: model.generate {hf:.3f} s, dyrate(none) {ours_t:.3f} s, ratio {ours_t / hf:.3f} "
+              f"(median of {args.repeats}; {n_img} image tokens, {args.new_tokens} new tokens)")
+    cond = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
+        "threads": args.threads, "dtype": str(ours.dtype), "layers": args.layers, "hidden": args.hidden,
+        "image_tokens": (args.image_size // 8) ** 2, "new_tokens": args.new_tokens, "torch": torch.__version__,
+    }
+    print(json.dumps({"conditions": cond, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()
