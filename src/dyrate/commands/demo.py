@@ -16,7 +16,9 @@ DEMO_POLICIES = ["none", "fastv:k=2,r=0.5", "fixed:k=2,r=0.75", "schedule:1=0.25
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local HF LLaVA checkpoint directory (default: the built-in model)")
+    from .common import add_model_arguments
+
+    add_model_arguments(p)
     p.add_argument("--policies", default=";".join(DEMO_POLICIES),
                    help=f"policy specs separated by ';' (default: {';'.join(DEMO_POLICIES)})")
     p.add_argument("--prompt", default="Describe the image.", help="the question asked (default: 'Describe the image.')")
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     specs = [s.strip() for s in args.policies.split(";") if s.strip()]
     policies = [parse_policy(s) for s in specs]  # fail before any work on a bad spec
     console = Console()
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dyrate-demo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     image = demo_image(out_dir / "scene.png")

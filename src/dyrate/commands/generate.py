@@ -19,8 +19,10 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .common import add_model_arguments
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--model", default=None, help="local HF LLaVA checkpoint directory (default: the built-in model)")
+    add_model_arguments(p)
     p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
     p.add_argument("--prompt", required=True, help="question or instruction; may contain <image> to be used verbatim")
     p.add_argument("--policy", default="none", help="pruning policy spec, e.g. none, fastv:k=2,r=0.5, vtw:k=16, "
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     parse_policy(args.policy)
     GenerationOptions(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     [res] = generate(
         model, processor, [image], [args.prompt], policy=args.policy, mode=args.mode,
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
