@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +19,8 @@ from . import flops as flops_model
 from .adapters import adapter_for
 from .engine import IMG, PAD, Engine
 from .errors import CheckpointError, InputError
-from .generation import GenerationOptions, RowOutput, decode
+from .generation import GenerationOptions, decode
+from .trace import row_trace
 from .policies import Policy, parse_policy
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -160,7 +160,7 @@ def generate(
         row_groups = state.group[out.steps[0] if out.steps else i, : input_ids.shape[1]]
         n_img = int((row_groups == IMG).sum())
         n_text = int(((row_groups != IMG) & (row_groups != PAD)).sum())
-        trace, fl, retained = _row_trace(engine, state.records, out, shape, n_img, n_text)
+        trace, fl, retained = row_trace(engine, state.records, out.steps, shape, n_img, n_text)
         text = processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         results.append(GenerationResult(text, out.token_ids, trace, fl, retained, pol.spec(), mode))
     return results
@@ -173,32 +173,3 @@ def _special_ids(model, processor) -> tuple[list[int], int]:
     pad = gen.pad_token_id if gen.pad_token_id is not None else processor.tokenizer.pad_token_id
     pad = pad if pad is not None else (eos[0] if eos else 0)
     return eos, int(pad)
-
-
-def _row_trace(engine: Engine, records, out: RowOutput, shape, n_img: int, n_text: int):
-    """Per-step trace of one output row, its FLOPs in the three conventions and retained tokens."""
-    bounds, stages = engine.bounds, engine.stages
-    trace, img_per_step = [], []
-    for t, row in enumerate(out.steps):
-        rec = {k: v[row].tolist() for k, v in records[t].items()}
-        img_layers = [rec["img"][s] for s, (a, b) in enumerate(bounds) for _ in range(a, b)]
-        step_flops = sum(
-            (b - a) * flops_model.layer_flops(shape, rec["queries"][s], rec["keys"][s]) for s, (a, b) in enumerate(bounds)
-        )
-        trace.append({
-            "step": t,
-            "shares": [None if math.isnan(v[0]) else dict(zip(("sys", "img", "ins", "res"), v)) for v in rec["shares"]],
-            "rate": [None if math.isnan(v) else v for v in rec["rate"]],
-            "kept": img_layers,  # image tokens attended by each decoder layer
-            "flops": step_flops,
-        })
-        img_per_step.append(img_layers)
-    fl = {}
-    n_new = max(len(out.token_ids), 1)
-    for conv in ("prefill", "cached", "nocache"):
-        steps = img_per_step[:1] if conv == "prefill" else img_per_step
-        fl[conv] = flops_model.flops_ratio(shape, steps, n_text, n_new, conv)
-    first = stages[0] if stages else engine.adapter.n_layers
-    pruned = [step[first:] for step in img_per_step if step[first:]]
-    retained = (sum(map(sum, pruned)) / (len(pruned) * len(pruned[0]) * n_img)) if pruned and n_img else 1.0
-    return trace, fl, retained

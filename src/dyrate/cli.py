@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("dyrate.commands.generate", "generate text for an image with a pruning policy"),
     "flops": ("dyrate.commands.flops", "FLOPs ratio of a policy under a named convention"),
     "demo": ("dyrate.commands.demo", "run every policy on the built-in model and compare them"),
+    "bench": ("dyrate.commands.bench", "time, memory and FLOPs of every policy side by side"),
 }
 
 

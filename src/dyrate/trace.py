@@ -1,0 +1,39 @@
+"""Turn the engine's per-step records into a per-token trace, FLOPs ratios and retained tokens."""
+
+from __future__ import annotations
+
+import math
+
+from . import flops as flops_model
+from .engine import Engine
+
+
+def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_text: int):
+    """Per-step trace of one output row, its FLOPs in the three conventions and retained tokens.
+
+    records: the engine's per-step records; steps[t]: the engine row that produced new token t."""
+    bounds, stages = engine.bounds, engine.stages
+    trace, img_per_step = [], []
+    for t, row in enumerate(steps):
+        rec = {k: v[row].tolist() for k, v in records[t].items()}
+        img_layers = [rec["img"][s] for s, (a, b) in enumerate(bounds) for _ in range(a, b)]
+        step_flops = sum(
+            (b - a) * flops_model.layer_flops(shape, rec["queries"][s], rec["keys"][s]) for s, (a, b) in enumerate(bounds)
+        )
+        trace.append({
+            "step": t,
+            "shares": [None if math.isnan(v[0]) else dict(zip(("sys", "img", "ins", "res"), v)) for v in rec["shares"]],
+            "rate": [None if math.isnan(v) else v for v in rec["rate"]],
+            "kept": img_layers,  # image tokens attended by each decoder layer
+            "flops": step_flops,
+        })
+        img_per_step.append(img_layers)
+    fl = {}
+    n_new = max(len(steps), 1)
+    for conv in ("prefill", "cached", "nocache"):
+        steps = img_per_step[:1] if conv == "prefill" else img_per_step
+        fl[conv] = flops_model.flops_ratio(shape, steps, n_text, n_new, conv)
+    first = stages[0] if stages else engine.adapter.n_layers
+    pruned = [step[first:] for step in img_per_step if step[first:]]
+    retained = (sum(map(sum, pruned)) / (len(pruned) * len(pruned[0]) * n_img)) if pruned and n_img else 1.0
+    return trace, fl, retained

@@ -1,0 +1,59 @@
+"""`dyrate bench`: structure and sanity of the measurements on a tiny model (no timing claims)."""
+
+import json
+
+import pytest
+
+from dyrate.bench import RANDOM_CONFIGS, bench, random_llava
+from dyrate.cli import main
+from dyrate.errors import InputError
+
+
+def test_bench_rows(tiny):
+    model, _ = tiny
+    rows = bench(model, ["none", "fastv:k=2,r=0.75", "vtw:k=1"], [1, 2], new_tokens=4, text_tokens=10, repeats=1)
+    assert [(r.policy, r.batch) for r in rows] == [
+        (p, b) for b in (1, 2) for p in ("none", "fastv:k=2,r=0.75", "vtw:k=1")
+    ]
+    by = {(r.policy, r.batch): r for r in rows}
+    for b in (1, 2):
+        none, fastv, vtw = by["none", b], by["fastv:k=2,r=0.75", b], by["vtw:k=1", b]
+        assert none.flops["prefill"]["ratio"] == 1.0 and none.retained == 1.0
+        assert fastv.retained == pytest.approx(0.25) and vtw.retained == 0.0
+        # the KV cache really shrinks: layers >= K hold 12 fewer image tokens (16 -> 4) per row
+        assert none.peak_kv_bytes > fastv.peak_kv_bytes > vtw.peak_kv_bytes
+        assert all(r.ttft_s > 0 and r.decode_tok_s > 0 and r.e2e_s >= r.ttft_s for r in (none, fastv, vtw))
+    assert by["none", 2].peak_kv_bytes == 2 * by["none", 1].peak_kv_bytes
+
+
+def test_random_configs_are_shape_faithful():
+    model = random_llava("llava-1.5-7b", layers=1, device="meta")
+    cfg = model.config.text_config
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads) == (4096, 11008, 32)
+    assert cfg.num_hidden_layers == 1
+    assert (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2 == 576
+    with pytest.raises(InputError):
+        random_llava("llava-1.5-7b", layers=33, device="meta")
+    assert {"medium", "llava-1.5-7b", "llava-1.5-13b"} <= set(RANDOM_CONFIGS)
+
+
+def test_cli_bench_json(tiny_dir, capsys):
+    rc = main(["bench", "--model", str(tiny_dir), "--policies", "none;fastv:k=2,r=0.5", "--batch", "1",
+               "--new-tokens", "3", "--repeats", "1", "--text-tokens", "8", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    payload = json.loads(out[-1])
+    assert payload["conditions"]["image_tokens"] == 16
+    assert [r["policy"] for r in payload["results"]] == ["none", "fastv:k=2,r=0.5"]
+
+
+@pytest.mark.parametrize("args", [
+    ["--config", "medium"],  # no --random-weights
+    ["--config", "medium", "--random-weights", "--batch", "0"],
+    ["--config", "medium", "--random-weights", "--batch", "x"],
+    ["--config", "medium", "--random-weights", "--policies", "fastv:k=99"],
+    [],
+])
+def test_cli_bench_bad_input(args, capsys):
+    assert main(["bench", *args]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
