@@ -1,0 +1,86 @@
+"""VTW's choice of the withdrawal layer (Lin et al., 2024, arXiv 2405.05803), as a tool.
+
+On a few calibration samples, the unpruned model generates an answer greedily. Then, for every
+candidate layer K, the same answer is teacher-forced through the model with every image token
+withdrawn from layer K on (`vtw:k=K`), and the KL divergence KL(full || withdrawn) of the
+next-token distributions is averaged over the answer's tokens and the samples. The chosen K is
+the first (shallowest) layer whose mean KL is below `eta`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import adapter_for
+from .api import build_prompt, read_image
+from .engine import Engine
+from .errors import InputError
+from .policies import parse_policy
+
+
+@dataclass
+class FindKResult:
+    k: int | None  # the first layer under eta (None if none is)
+    eta: float
+    kl: dict[int, float]  # mean KL per candidate layer
+    samples: int
+    tokens: int  # answer tokens the means run over
+
+
+@torch.inference_mode()
+def _forced_logprobs(engine: Engine, ids, mask, pixels, answer: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities (T, V) of the next token at every answer position, teacher-forced."""
+    logits, state = engine.prefill(ids, mask, pixels)
+    out = [logits.log_softmax(-1)]
+    for tok in answer[:-1]:
+        logits = engine.decode(state, tok.view(1))
+        out.append(logits.log_softmax(-1))
+    return torch.cat(out, dim=0)
+
+
+def find_k(model, processor, images, prompts, eta: float = 0.003, max_new_tokens: int = 16,
+           layers: list[int] | None = None, progress=None) -> FindKResult:
+    """Mean next-token KL of `vtw:k=K` against the unpruned model for each K; the first K under eta."""
+    if eta <= 0:
+        raise InputError(f"eta must be > 0, got {eta}")
+    if not prompts or len(images) != len(prompts):
+        raise InputError(f"need one image per prompt, got {len(images)} images and {len(prompts)} prompts")
+    adapter = adapter_for(model)
+    n_layers = adapter.n_layers
+    layers = layers or list(range(1, n_layers))
+    for k in layers:
+        parse_policy(f"vtw:k={k}").validate(n_layers)
+    full = Engine(adapter, parse_policy("none"))
+    withdrawn = {k: Engine(adapter, parse_policy(f"vtw:k={k}")) for k in layers}
+    device = next(model.parameters()).device
+    sums = {k: 0.0 for k in layers}
+    n_tokens = 0
+    eos = model.generation_config.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else (eos or []))
+    for image, prompt in zip(images, prompts):
+        batch = processor(images=[read_image(image)], text=[build_prompt(processor, prompt)], return_tensors="pt")
+        ids, mask, pixels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values"))
+        # the unpruned model's greedy answer (up to EOS), then its distributions along it
+        answer = []
+        with torch.inference_mode():
+            logits, state = full.prefill(ids, mask, pixels)
+            for step in range(max_new_tokens):
+                tok = logits.argmax(-1)
+                answer.append(int(tok))
+                if int(tok) in eos or step + 1 == max_new_tokens:
+                    break
+                logits = full.decode(state, tok)
+        answer_t = torch.tensor(answer, device=device)
+        ref = _forced_logprobs(full, ids, mask, pixels, answer_t)  # (T, V)
+        for k, engine in withdrawn.items():
+            logp = _forced_logprobs(engine, ids, mask, pixels, answer_t)
+            kl = (ref.exp() * (ref - logp)).sum(-1)  # (T,) KL(full || withdrawn)
+            sums[k] += float(kl.sum())
+            if progress:
+                progress()
+        n_tokens += len(answer)
+    kl = {k: sums[k] / n_tokens for k in layers}
+    chosen = next((k for k in layers if kl[k] < eta), None)
+    return FindKResult(chosen, eta, kl, len(prompts), n_tokens)
