@@ -29,6 +29,7 @@ from transformers import DynamicCache
 
 from .adapters import ModelAdapter
 from .attention import ProbeRequest
+from .errors import InputError
 from .policies import Policy, Probe
 
 SYS, IMG, INS, RES, PAD = 0, 1, 2, 3, 4
@@ -91,8 +92,6 @@ class Engine:
 
     def __init__(self, adapter: ModelAdapter, policy: Policy, mode: str = "evict"):
         if mode not in MODES:
-            from .errors import InputError
-
             raise InputError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         policy.validate(adapter.n_layers)
         self.adapter, self.policy, self.mode = adapter, policy, mode
