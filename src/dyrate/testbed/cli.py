@@ -1,0 +1,165 @@
+"""Build the testbed: write evaluation data, train the small LLaVA, evaluate it.
+
+  dyrate testbed data  --seed 1 --n 500 --out runs/testbed-data
+  dyrate testbed train --config base --steps 6000 --threads 2 --out runs/testbed --stop-after 1500
+  dyrate testbed eval  --model runs/testbed --n 200
+
+Training resumes when the same command is run again (state in OUT/train_state/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import CheckpointError, InputError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    sub = parser.add_subparsers(dest="testbed_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "data",
+        help="write a held-out evaluation set (COCO captions, VQA, POPE, scene specs, PNGs)",
+        description=(
+            "Write N procedurally generated scenes to OUT: captions.json (COCO caption format, "
+            "5 references per image), vqa.jsonl (question_id, image, question, answers, type), "
+            "pope_{random,popular,adversarial}.jsonl (question_id, image, text, label), "
+            "scenes.jsonl (machine-readable specs) and images/*.png. Same seed, same files."
+        ),
+    )
+    p.add_argument("--seed", type=int, default=1, help="dataset seed (0..999; training never uses these scenes) [1]")
+    p.add_argument("--n", type=int, default=500, help="number of scenes [500]")
+    p.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    p.add_argument("--image-size", type=int, default=96, help="image side in pixels [96, the base model's]")
+    p.set_defaults(_testbed_run=_run_data)
+
+    p = sub.add_parser(
+        "train",
+        help="train the testbed LLaVA from scratch (resumable)",
+        description=(
+            "Train LlavaForConditionalGeneration from scratch on an endless, deterministic stream "
+            "of captions, short answers and POPE questions (loss on response tokens, plus a "
+            "per-patch attribute loss on the vision tower). Stops after --steps or --minutes "
+            "(totals over resumed runs, whichever comes first). Checkpoints go to "
+            "OUT/train_state/ every --save-every seconds; rerunning the same command resumes. "
+            "Every run ends by writing an ordinary HF checkpoint (fp16) + processor into OUT."
+        ),
+    )
+    p.add_argument("--config", default="base", help="named model config: tiny (tests) or base [base]")
+    p.add_argument("--out", type=Path, default=Path("runs/testbed"), help="output directory [runs/testbed]")
+    p.add_argument("--steps", type=int, default=None, help="total optimizer steps")
+    p.add_argument("--minutes", type=float, default=None, help="total training minutes")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data-stream seed [0]")
+    p.add_argument(
+        "--stop-after", type=int, default=None, metavar="N",
+        help="end this invocation after N more steps (checkpoint + export; rerun to continue, same LR schedule)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="examples per step [32]")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the decoder/projector [1e-3]")
+    p.add_argument("--vision-lr-mult", type=float, default=2.0, help="learning-rate multiplier of the vision tower [2]")
+    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch vision loss, 0 = off [0.5]")
+    p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints [300]")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads [torch default]")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(_testbed_run=_run_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="caption F1 / CIDEr, short-answer accuracy and POPE of a checkpoint (greedy generate)",
+        description=(
+            "Evaluate a testbed checkpoint with plain greedy model.generate on N held-out scenes "
+            "(the scenes `dyrate testbed data --seed SEED` writes). Prints JSON."
+        ),
+    )
+    p.add_argument("--model", type=Path, required=True, help="checkpoint directory (from `dyrate testbed train`)")
+    p.add_argument("--seed", type=int, default=1, help="held-out dataset seed [1]")
+    p.add_argument("--n", type=int, default=100, help="number of scenes [100]")
+    p.add_argument("--blank", action="store_true", help="replace every image by its empty background")
+    p.add_argument("--no-cider", action="store_true", help="skip CIDEr (which needs Java)")
+    p.add_argument("--batch-size", type=int, default=32, help="generation batch size [32]")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads [torch default]")
+    p.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
+    p.set_defaults(_testbed_run=_run_eval)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args._testbed_run(args) or 0)
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        if n <= 0:
+            raise InputError(f"--threads must be positive, got {n}")
+        from .train import set_threads
+
+        set_threads(n)
+
+
+def _run_data(args) -> int:
+    from .data import write_dataset
+
+    if args.n <= 0:
+        raise InputError(f"--n must be positive, got {args.n}")
+    if not 0 <= args.seed < 1000:
+        raise InputError(f"--seed must be in 0..999 (held-out range), got {args.seed}")
+    if args.image_size < 24:
+        raise InputError(f"--image-size must be at least 24, got {args.image_size}")
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} exists and is not a directory")
+    counts = write_dataset(args.out, args.seed, args.n, args.image_size, progress=sys.stderr.isatty())
+    print(json.dumps({"out": str(args.out), **counts}))
+    return 0
+
+
+def _run_train(args) -> int:
+    from .train import TrainArgs, train
+
+    _threads(args.threads)
+    if args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} exists and is not a directory")
+    if args.stop_after is not None and args.stop_after <= 0:
+        raise InputError(f"--stop-after must be positive, got {args.stop_after}")
+    targs = TrainArgs(
+        config=args.config,
+        out=str(args.out),
+        steps=args.steps,
+        minutes=args.minutes,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        vision_lr_mult=args.vision_lr_mult,
+        aux_weight=args.aux_weight,
+        bf16=not args.no_bf16,
+        save_every_s=args.save_every,
+        progress=not args.quiet,
+        stop_after_steps=args.stop_after,
+    )
+    summary = train(targs)
+    print(json.dumps({"out": str(args.out), **summary}))
+    return 0
+
+
+def _run_eval(args) -> int:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from .evaluate import evaluate
+
+    _threads(args.threads)
+    if args.n <= 0:
+        raise InputError(f"--n must be positive, got {args.n}")
+    if not (args.model / "config.json").exists():
+        raise CheckpointError(f"{args.model} is not a checkpoint directory (no config.json)")
+    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype="float32").eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    metrics = evaluate(model, processor, seed=args.seed, n=args.n, blank=args.blank, batch_size=args.batch_size, with_cider=not args.no_cider)
+    text = json.dumps(metrics, indent=1)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0

@@ -1,0 +1,118 @@
+"""Training examples and evaluation files of the testbed.
+
+Training draws an endless, deterministic stream: example i of step s is a pure function of
+(seed, s, i), so a resumed run sees exactly the batches it would have seen.
+Evaluation sets (`write_dataset`) use scene seeds from another range, so they are held out.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import language as L
+from .scenes import Scene, sample_scene, render
+
+# Scene seeds: evaluation set S uses EVAL_BASE + S * SPAN + i, training seed T uses
+# TRAIN_BASE + T * TRAIN_SPAN + step * batch + i. The ranges never meet for S, T < 1000.
+EVAL_BASE, SPAN = 0, 1_000_000
+TRAIN_BASE, TRAIN_SPAN = 2_000_000_000, 1_000_000_000
+
+# Task mixture of training (probabilities).
+TASK_WEIGHTS = {"caption": 0.4, "qa": 0.4, "pope": 0.2}
+
+
+def eval_scene_seed(seed: int, i: int) -> int:
+    return EVAL_BASE + seed * SPAN + i
+
+
+def train_scene_seed(seed: int, step: int, batch_size: int, i: int) -> int:
+    return TRAIN_BASE + seed * TRAIN_SPAN + step * batch_size + i
+
+
+@dataclass(frozen=True)
+class Example:
+    scene: Scene
+    task: str  # caption / qa / pope
+    question: str
+    answer: str
+
+
+def sample_example(scene_seed: int) -> Example:
+    """One (scene, question, answer) training example, deterministic from the scene seed."""
+    scene = sample_scene(scene_seed)
+    rng = random.Random(scene_seed ^ 0x5EED)
+    task = rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()))[0]
+    if task == "caption":
+        style = rng.choice(list(L.CAPTION_PROMPTS))
+        return Example(scene, task, L.CAPTION_PROMPTS[style], L.caption(scene, style))
+    if task == "qa":
+        for _ in range(10):
+            q = L.question_of_type(scene, rng.choice(L.QA_TYPES), rng)
+            if q is not None:
+                return Example(scene, task, q.question, q.answer)
+        raise AssertionError("every scene has colour/count/shape/size questions")
+    split = rng.choice(L.POPE_SPLITS)
+    question, ans = rng.choice(L.pope_questions(scene, split))
+    return Example(scene, task, question, ans)
+
+
+# ---------------------------------------------------------------- evaluation files
+
+
+def write_dataset(out: Path, seed: int, n: int, image_size: int = 96, progress: bool = True) -> dict[str, int]:
+    """Write a held-out evaluation set of `n` scenes to `out` (see `dyrate testbed data --help`).
+    Returns the number of records per file."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    images, annotations, vqa, scenes = [], [], [], []
+    pope: dict[str, list[dict]] = {s: [] for s in L.POPE_SPLITS}
+    ann_id = 0
+    for i in tqdm(range(n), desc="scenes", disable=not progress or n < 200, unit="img"):
+        scene = sample_scene(eval_scene_seed(seed, i))
+        name = f"{i:06d}.png"
+        render(scene, image_size).save(out / "images" / name)
+        image_id = i
+        images.append({"id": image_id, "file_name": name, "width": image_size, "height": image_size})
+        for cap in L.captions(scene):
+            annotations.append({"id": ann_id, "image_id": image_id, "caption": cap})
+            ann_id += 1
+        for k, q in enumerate(L.short_questions(scene)):
+            vqa.append(
+                {"question_id": image_id * 10 + k, "image": name, "question": q.question, "answers": [q.answer], "type": q.type}
+            )
+        for split in L.POPE_SPLITS:
+            for k, (question, label) in enumerate(L.pope_questions(scene, split)):
+                pope[split].append({"question_id": image_id * 10 + k, "image": name, "text": question, "label": label})
+        scenes.append({"image_id": image_id, "image": name, **scene.to_json()})
+
+    coco = {
+        "info": {"description": f"dyrate testbed scenes, seed {seed}", "version": "1"},
+        "licenses": [],
+        "type": "captions",
+        "images": images,
+        "annotations": annotations,
+    }
+    (out / "captions.json").write_text(json.dumps(coco))
+    _write_jsonl(out / "vqa.jsonl", vqa)
+    for split, rows in pope.items():
+        _write_jsonl(out / f"pope_{split}.jsonl", rows)
+    _write_jsonl(out / "scenes.jsonl", scenes)
+    counts = {"images": len(images), "captions": len(annotations), "vqa": len(vqa), "scenes": len(scenes)}
+    counts.update({f"pope_{s}": len(r) for s, r in pope.items()})
+    return counts
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]

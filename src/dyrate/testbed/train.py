@@ -1,0 +1,396 @@
+"""Train the testbed LLaVA from scratch on the procedural scene mixture.
+
+The loop reads top to bottom: build a batch (deterministic from seed and step), run the vision
+tower, projector and decoder by hand (the same computation as `LlavaForConditionalGeneration`,
+tests check it), add an auxiliary per-patch loss on the vision tower, step AdamW.
+
+Loss = cross-entropy on response tokens only + `aux_weight` x per-patch attribute loss: a small
+head reads each patch feature of the tower's output and predicts the (shape, colour, size) of
+the object covering the patch (or background). It gives the tower a direct signal about shapes,
+which a prototype trained on the caption loss alone never learned (shape stayed at chance).
+The head is training-only and is not part of the exported model.
+
+Checkpoints: `OUT/train_state/` holds `model.safetensors` (fp32 weights + aux head),
+`optimizer.safetensors` (AdamW moments) and `state.json` (step, elapsed time, arguments);
+no pickle anywhere. Rerunning the same command resumes from it. Every invocation ends by
+exporting an ordinary HF checkpoint into OUT (fp16 weights + processor).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+
+from ..errors import CheckpointError, InputError
+from .configs import build_config, get_spec
+from .data import sample_example, train_scene_seed
+from .processing import EOS, IMAGE, build_processor, pixel_values
+from .scenes import COLOUR_NAMES, SHAPES, SIZES, patch_labels, render
+
+STATE_DIR = "train_state"
+
+
+@dataclass
+class TrainArgs:
+    config: str = "base"
+    out: str = "runs/testbed"
+    steps: int | None = None  # total optimizer steps (over all resumed invocations)
+    minutes: float | None = None  # total training wall time (over all resumed invocations)
+    seed: int = 0
+    batch_size: int = 32
+    lr: float = 1e-3
+    vision_lr_mult: float = 2.0  # the tower learns from scratch through a long path: give it more
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    min_lr_frac: float = 0.1
+    aux_weight: float = 0.5
+    bf16: bool = True  # bf16 autocast (fast on CPUs with AMX / AVX512-BF16)
+    save_every_s: float = 300.0
+    log_every: int = 10
+    progress: bool = True
+    stop_after_steps: int | None = None  # end this invocation early (tests; time-sliced runs)
+
+    def validate(self) -> None:
+        get_spec(self.config)
+        if self.steps is None and self.minutes is None:
+            raise InputError("give --steps, --minutes or both (training stops at whichever comes first)")
+        if self.steps is not None and self.steps <= 0:
+            raise InputError(f"--steps must be positive, got {self.steps}")
+        if self.minutes is not None and self.minutes <= 0:
+            raise InputError(f"--minutes must be positive, got {self.minutes}")
+        if self.batch_size <= 0:
+            raise InputError(f"--batch-size must be positive, got {self.batch_size}")
+        if self.lr <= 0:
+            raise InputError(f"--lr must be positive, got {self.lr}")
+
+
+class AuxHeads(nn.Module):
+    """Per-patch attribute classifiers on the vision tower output (training only)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.shape = nn.Linear(hidden, len(SHAPES) + 1)
+        self.colour = nn.Linear(hidden, len(COLOUR_NAMES) + 1)
+        self.size = nn.Linear(hidden, len(SIZES) + 1)
+
+    def loss(self, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """feats: (B, P, Dv) patch features; targets: (B, P, 3) int64 -> scalar mean CE."""
+        losses = []
+        for k, head in enumerate((self.shape, self.colour, self.size)):
+            logits = head(feats).float()  # (B, P, C)
+            losses.append(F.cross_entropy(logits.flatten(0, 1), targets[..., k].flatten()))
+        return sum(losses) / len(losses)
+
+
+class BatchBuilder:
+    """Turns examples into padded tensors: ids = bos sys 'user :' <image>*N question
+    'assistant :' answer eos; labels are -100 except on answer and eos."""
+
+    def __init__(self, processor, config_name: str):
+        self.spec = get_spec(config_name)
+        self.tok = processor.tokenizer
+        self.image_id = self.tok.convert_tokens_to_ids(IMAGE)
+        self.eos_id = self.tok.convert_tokens_to_ids(EOS)
+        self.pad_id = self.tok.pad_token_id
+        system, rest = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}], add_generation_prompt=True).split(IMAGE)
+        # ids before the image (with bos) and the words between question and answer.
+        self.head_ids = self.tok(system)["input_ids"]
+        self.tail_ids = self.tok(rest.replace("Q", "", 1), add_special_tokens=False)["input_ids"]  # 'assistant :'
+
+    def encode(self, question: str, answer: str) -> tuple[list[int], list[int]]:
+        q = self.tok(question, add_special_tokens=False)["input_ids"]
+        a = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        prompt = self.head_ids + [self.image_id] * self.spec.num_image_tokens + q + self.tail_ids
+        return prompt + a, [-100] * len(prompt) + a
+
+    def build(self, scene_seeds: list[int]) -> dict[str, torch.Tensor]:
+        ids, labels, images, targets = [], [], [], []
+        for s in scene_seeds:
+            ex = sample_example(s)
+            image, label_map = render(ex.scene, self.spec.image_size, with_labels=True)
+            i, l = self.encode(ex.question, ex.answer)
+            ids.append(i)
+            labels.append(l)
+            images.append(image)
+            targets.append(torch.from_numpy(patch_labels(ex.scene, label_map, self.spec.patch_size)))
+        width = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # right padding
+        label_t = torch.full((len(ids), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for b, (i, l) in enumerate(zip(ids, labels)):
+            input_ids[b, : len(i)] = torch.tensor(i)
+            label_t[b, : len(l)] = torch.tensor(l)
+            mask[b, : len(i)] = 1
+        return {
+            "input_ids": input_ids,  # (B, T)
+            "attention_mask": mask,  # (B, T)
+            "labels": label_t,  # (B, T)
+            "pixel_values": pixel_values(images, self.spec.image_size),  # (B, 3, S, S)
+            "patch_targets": torch.stack(targets),  # (B, P, 3)
+        }
+
+
+def forward_logits(model: LlavaForConditionalGeneration, input_ids, attention_mask, pixel_values):
+    """The model's forward pass written out, also returning the tower's patch features.
+    Equals `model(input_ids, pixel_values, attention_mask).logits` (tested)."""
+    tower = model.model.vision_tower(pixel_values)
+    feats = tower.last_hidden_state[:, 1:]  # (B, 1+P, Dv) -> (B, P, Dv): drop CLS ('default')
+    image_embeds = model.model.multi_modal_projector(feats)  # (B, P, D)
+    embeds = model.get_input_embeddings()(input_ids)  # (B, T, D)
+    is_image = (input_ids == model.config.image_token_id).unsqueeze(-1)  # (B, T, 1)
+    embeds = embeds.masked_scatter(is_image, image_embeds.to(embeds.dtype))
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    return model.lm_head(hidden), feats  # (B, T, V), (B, P, Dv)
+
+
+def compute_loss(model, aux: AuxHeads, batch: dict, aux_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Response-token cross-entropy averaged per example, then over the batch (so a one-word
+    answer weighs as much as a 40-word caption; a plain token mean would give short answers
+    about 10% of the gradient), plus the weighted auxiliary patch loss."""
+    logits, feats = forward_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    # Next-token prediction: position t predicts labels[t + 1].
+    targets = batch["labels"][:, 1:]  # (B, T-1)
+    token_ce = F.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+    )  # (B, V, T-1) vs (B, T-1) -> (B, T-1)
+    n_tokens = (targets != -100).sum(1).clamp(min=1)  # (B,)
+    lm = (token_ce.sum(1) / n_tokens).mean()
+    loss = lm
+    parts = {"lm": lm.item()}
+    if aux_weight > 0:
+        aux_loss = aux.loss(feats, batch["patch_targets"])
+        loss = loss + aux_weight * aux_loss
+        parts["aux"] = aux_loss.item()
+    parts["loss"] = loss.item()
+    return loss, parts
+
+
+def lr_factor(step: int, progress: float, args: TrainArgs) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine from 1 to `min_lr_frac` over progress
+    in [0, 1] (the fraction of --steps or --minutes used, whichever is further along)."""
+    if step < args.warmup_steps:
+        return (step + 1) / args.warmup_steps
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return args.min_lr_frac + (1 - args.min_lr_frac) * cos
+
+
+def make_optimizer(model, aux: AuxHeads, args: TrainArgs) -> torch.optim.AdamW:
+    """AdamW with two learning rates (vision tower + aux head higher) and no decay on
+    biases, norms and embeddings of size-1 dims."""
+    groups: dict[tuple[float, float], list] = {}
+    named = [(f"model.{n}", p) for n, p in model.named_parameters()] + [(f"aux.{n}", p) for n, p in aux.named_parameters()]
+    for name, p in named:
+        mult = args.vision_lr_mult if ("vision_tower" in name or name.startswith("aux.")) else 1.0
+        decay = args.weight_decay if p.ndim >= 2 and "embed" not in name else 0.0
+        groups.setdefault((mult, decay), []).append(p)
+    param_groups = [{"params": ps, "lr_mult": m, "weight_decay": d, "lr": args.lr * m} for (m, d), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _named_params(model, aux) -> dict[str, torch.Tensor]:
+    out = {f"model.{n}": p for n, p in model.named_parameters()}
+    out.update({f"aux.{n}": p for n, p in aux.named_parameters()})
+    return out
+
+
+def save_state(out: Path, model, aux, opt: torch.optim.AdamW, state: dict) -> None:
+    """Write OUT/train_state atomically (tmp dir, then rename)."""
+    final = out / STATE_DIR
+    tmp = out / (STATE_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    params = _named_params(model, aux)
+    save_file({n: p.detach().contiguous() for n, p in params.items()}, str(tmp / "model.safetensors"))
+    moments, steps = {}, {}
+    by_id = {id(p): n for n, p in params.items()}
+    for p, st in opt.state.items():
+        n = by_id[id(p)]
+        moments[f"{n}.exp_avg"] = st["exp_avg"].contiguous()
+        moments[f"{n}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+        steps[n] = float(st["step"])
+    save_file(moments, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "adam_steps": steps}, indent=1))
+    old = out / (STATE_DIR + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(out: Path, model, aux, opt: torch.optim.AdamW) -> dict | None:
+    """Restore weights and optimizer from OUT/train_state; None if there is none."""
+    d = out / STATE_DIR
+    if not (d / "state.json").exists():
+        return None
+    try:
+        state = json.loads((d / "state.json").read_text())
+        weights = load_file(str(d / "model.safetensors"))
+        moments = load_file(str(d / "optimizer.safetensors"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{d} is not a usable training state: {err}") from err
+    params = _named_params(model, aux)
+    missing = set(params) - set(weights)
+    if missing:
+        raise CheckpointError(f"{d}: training state lacks {len(missing)} tensors (e.g. {sorted(missing)[0]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.shape != weights[n].shape:
+                raise CheckpointError(f"{d}: {n} has shape {tuple(weights[n].shape)}, model wants {tuple(p.shape)}")
+            p.copy_(weights[n])
+    for n, p in params.items():
+        if n in state["adam_steps"]:
+            opt.state[p] = {
+                "step": torch.tensor(state["adam_steps"][n]),
+                "exp_avg": moments[f"{n}.exp_avg"].clone(),
+                "exp_avg_sq": moments[f"{n}.exp_avg_sq"].clone(),
+            }
+    return state
+
+
+def export(model: LlavaForConditionalGeneration, processor, out: Path, summary: dict) -> None:
+    """Write an ordinary HF checkpoint directory: fp16 weights, config, generation config,
+    processor, and `testbed.json` (how it was trained)."""
+    half = copy.deepcopy(model).to(torch.float16)
+    half.generation_config.update(
+        bos_token_id=processor.tokenizer.bos_token_id,
+        eos_token_id=processor.tokenizer.eos_token_id,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=96,
+    )
+    half.save_pretrained(out)
+    # The file stores fp16 (small enough to ship), but the model should *run* in fp32 on CPUs
+    # (fp16 CPU matmuls are slow): config "dtype" is what from_pretrained(dtype="auto") uses.
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    for sub in ("text_config", "vision_config"):
+        if isinstance(config.get(sub), dict) and "dtype" in config[sub]:
+            config[sub]["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    processor.save_pretrained(out)
+    (out / "testbed.json").write_text(json.dumps(summary, indent=1))
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def build_model(config_name: str, seed: int):
+    """(model, aux head, processor) of a named config, initialised from `seed`."""
+    spec = get_spec(config_name)
+    processor = build_processor(spec.image_size, spec.patch_size)
+    tok = processor.tokenizer
+    config = build_config(
+        config_name,
+        vocab_size=len(tok),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE),
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    aux = AuxHeads(config.vision_config.hidden_size)
+    return model, aux, processor
+
+
+def train(args: TrainArgs) -> dict:
+    """Train (or resume) and export. Returns a summary dict."""
+    from tqdm import tqdm
+
+    args.validate()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, aux, processor = build_model(args.config, args.seed)
+    opt = make_optimizer(model, aux, args)
+    state_json = out / STATE_DIR / "state.json"
+    if state_json.exists():
+        previous = json.loads(state_json.read_text())["args"]["config"]
+        if previous != args.config:
+            raise InputError(f"{out} holds a training state of config {previous!r}, not {args.config!r}; use another --out")
+    state = load_state(out, model, aux, opt)
+    step = state["step"] if state else 0
+    elapsed = state["elapsed_s"] if state else 0.0
+    builder = BatchBuilder(processor, args.config)
+    log_path = out / "train_log.jsonl"
+
+    def progress() -> float:
+        fr = []
+        if args.steps:
+            fr.append(step / args.steps)
+        if args.minutes:
+            fr.append(elapsed / (60 * args.minutes))
+        return max(fr)
+
+    def state_dict() -> dict:
+        return {"step": step, "elapsed_s": elapsed, "args": {k: v for k, v in asdict(args).items() if k != "stop_after_steps"}}
+
+    model.train()
+    aux.train()
+    bar = tqdm(total=args.steps, initial=step, disable=not args.progress, unit="step", desc=f"train {args.config}")
+    last_save = time.monotonic()
+    ema = None
+    start_step = step
+    while progress() < 1.0:
+        if args.stop_after_steps is not None and step - start_step >= args.stop_after_steps:
+            break
+        t0 = time.monotonic()
+        seeds = [train_scene_seed(args.seed, step, args.batch_size, i) for i in range(args.batch_size)]
+        batch = builder.build(seeds)
+        factor = lr_factor(step, progress(), args)
+        for g in opt.param_groups:
+            g["lr"] = args.lr * g["lr_mult"] * factor
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            loss, parts = compute_loss(model, aux, batch, args.aux_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
+        opt.step()
+        step += 1
+        dt = time.monotonic() - t0
+        elapsed += dt
+        ema = parts["loss"] if ema is None else 0.95 * ema + 0.05 * parts["loss"]
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}", lm=f"{parts['lm']:.3f}", s_step=f"{dt:.2f}", min=f"{elapsed / 60:.1f}")
+        if step % args.log_every == 0 or step == 1:
+            with log_path.open("a") as f:
+                f.write(json.dumps({"step": step, "elapsed_s": round(elapsed, 1), "lr": args.lr * factor, "s_step": round(dt, 3), **parts}) + "\n")
+        if time.monotonic() - last_save >= args.save_every_s:
+            save_state(out, model, aux, opt, state_dict())
+            last_save = time.monotonic()
+    bar.close()
+    save_state(out, model, aux, opt, state_dict())
+    summary = {
+        "config": args.config,
+        "steps": step,
+        "train_minutes": round(elapsed / 60, 2),
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "final_loss_ema": ema,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "torch_threads": torch.get_num_threads(),
+    }
+    export(model, processor, out, summary)
+    return summary
+
+
+def set_threads(n: int) -> None:
+    """Pin intra-op threads (and OMP for child code) before any heavy work."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    torch.set_num_threads(n)

@@ -1,0 +1,64 @@
+"""`write_dataset`: files load with pycocotools / json, answers agree with the scene specs."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from dyrate.testbed import language as L
+from dyrate.testbed.data import read_jsonl, sample_example, write_dataset
+from dyrate.testbed.scenes import Scene
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data")
+    counts = write_dataset(out, seed=3, n=12, image_size=96, progress=False)
+    return out, counts
+
+
+def test_files_load(dataset):
+    from pycocotools.coco import COCO
+
+    out, counts = dataset
+    coco = COCO(str(out / "captions.json"))
+    assert len(coco.getImgIds()) == 12
+    assert len(coco.getAnnIds()) == 60 == counts["captions"]
+    for img in coco.loadImgs(coco.getImgIds()):
+        assert Image.open(out / "images" / img["file_name"]).size == (96, 96)
+    vqa = read_jsonl(out / "vqa.jsonl")
+    assert {"question_id", "image", "question", "answers", "type"} <= set(vqa[0])
+    assert len({r["question_id"] for r in vqa}) == len(vqa)
+    for split in L.POPE_SPLITS:
+        rows = read_jsonl(out / f"pope_{split}.jsonl")
+        assert {"question_id", "image", "text", "label"} <= set(rows[0])
+        assert sum(r["label"] == "yes" for r in rows) * 2 == len(rows)
+
+
+def test_answers_match_specs(dataset):
+    out, _ = dataset
+    scenes = {r["image"]: Scene.from_json({k: r[k] for k in ("seed", "background", "bg_tint", "objects")}) for r in read_jsonl(out / "scenes.jsonl")}
+    for r in read_jsonl(out / "vqa.jsonl"):
+        q = L.Question(r["type"], r["question"], r["answers"][0])
+        assert L.answer(scenes[r["image"]], q) == r["answers"][0]
+    for split in L.POPE_SPLITS:
+        for r in read_jsonl(out / f"pope_{split}.jsonl"):
+            assert L.answer(scenes[r["image"]], L.Question("pope", r["text"], r["label"])) == r["label"]
+    coco = json.loads((out / "captions.json").read_text())
+    names = {i["id"]: i["file_name"] for i in coco["images"]}
+    for a in coco["annotations"]:
+        assert L.parse_caption(a["caption"]) == L.scene_objects(scenes[names[a["image_id"]]])
+
+
+def test_deterministic(dataset, tmp_path):
+    out, _ = dataset
+    write_dataset(tmp_path, seed=3, n=12, image_size=96, progress=False)
+    for name in ("captions.json", "vqa.jsonl", "pope_adversarial.jsonl", "scenes.jsonl", "images/000005.png"):
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes()
+
+
+def test_training_stream_deterministic_and_mixed():
+    exs = [sample_example(1000 + i) for i in range(200)]
+    assert exs == [sample_example(1000 + i) for i in range(200)]
+    tasks = {e.task for e in exs}
+    assert tasks == {"caption", "qa", "pope"}

@@ -1,0 +1,147 @@
+"""Training on the tiny config: manual forward = HF forward, loss goes down, resume is exact,
+the export is an ordinary HF checkpoint."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dyrate.errors import InputError
+from dyrate.testbed.configs import SPECS
+from dyrate.testbed.data import train_scene_seed
+from dyrate.testbed.train import BatchBuilder, TrainArgs, build_model, compute_loss, forward_logits, make_optimizer, train
+
+torch.set_num_threads(1)
+
+
+def tiny_args(out, **kw):
+    base = dict(config="tiny", out=str(out), steps=4, batch_size=4, warmup_steps=1, bf16=False, progress=False, save_every_s=1e9)
+    base.update(kw)
+    return TrainArgs(**base)
+
+
+def test_manual_forward_equals_model_forward():
+    model, _, proc = build_model("tiny", 0)
+    model.eval()
+    batch = BatchBuilder(proc, "tiny").build([11, 12, 13])
+    with torch.no_grad():
+        logits, feats = forward_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]).logits
+    assert feats.shape == (3, 16, 32)
+    assert torch.allclose(logits, ref, atol=1e-5)
+
+
+def test_labels_cover_answer_only():
+    _, _, proc = build_model("tiny", 0)
+    b = BatchBuilder(proc, "tiny")
+    ids, labels = b.encode("how many objects are there?", "two")
+    answer = [i for i, l in zip(ids, labels) if l != -100]
+    assert answer == proc.tokenizer("two", add_special_tokens=False)["input_ids"] + [proc.tokenizer.eos_token_id]
+    assert proc.tokenizer.decode(ids[-3:-2]) == ":"  # 'assistant :' right before the answer
+    # The same ids as the processor gives for the chat-template text.
+    from dyrate.testbed.processing import build_prompt
+    from dyrate.testbed.scenes import render, sample_scene
+
+    ref = proc(images=[render(sample_scene(0), 32)], text=[build_prompt("how many objects are there?", "two")])
+    assert ref["input_ids"][0] == ids
+
+
+def test_a_few_steps_lower_the_loss():
+    args = tiny_args("unused", lr=3e-3)
+    model, aux, proc = build_model("tiny", 0)
+    opt = make_optimizer(model, aux, args)
+    batch = BatchBuilder(proc, "tiny").build([train_scene_seed(0, 0, 8, i) for i in range(8)])
+    losses = []
+    for _ in range(12):
+        loss, parts = compute_loss(model, aux, batch, aux_weight=0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(parts["loss"])
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_resume_is_exact_and_export_loads(tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    straight = train(tiny_args(tmp_path / "a"))
+    train(tiny_args(tmp_path / "b", stop_after_steps=2))  # "killed" after 2 steps
+    state = json.loads((tmp_path / "b" / "train_state" / "state.json").read_text())
+    assert state["step"] == 2
+    resumed = train(tiny_args(tmp_path / "b"))  # the same command again continues
+    assert straight["steps"] == resumed["steps"] == 4
+    wa = load_file(str(tmp_path / "a" / "train_state" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "train_state" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    oa = load_file(str(tmp_path / "a" / "train_state" / "optimizer.safetensors"))
+    ob = load_file(str(tmp_path / "b" / "train_state" / "optimizer.safetensors"))
+    assert all(torch.equal(oa[k], ob[k]) for k in oa)
+    assert not list((tmp_path / "b").rglob("*.bin")) and not list((tmp_path / "b").rglob("*.pt"))
+
+    # The export is a plain HF checkpoint.
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "b")
+    proc = AutoProcessor.from_pretrained(tmp_path / "b")
+    assert model.dtype == torch.float32  # runs in fp32 on CPU ...
+    stored = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert {t.dtype for t in stored.values()} == {torch.float16}  # ... but ships in fp16
+    assert not any(k.startswith("aux") for k in model.state_dict())
+    inputs = proc(images=[_image()], text=[proc.apply_chat_template(_msgs(), add_generation_prompt=True)], return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] <= inputs["input_ids"].shape[1] + 3
+
+
+def test_resume_refuses_other_config(tmp_path):
+    train(tiny_args(tmp_path, steps=1))
+    with pytest.raises(InputError):
+        train(tiny_args(tmp_path, config="base", steps=1))
+
+
+def test_bad_args():
+    with pytest.raises(InputError):
+        TrainArgs(config="tiny", steps=None, minutes=None).validate()
+    with pytest.raises(InputError):
+        TrainArgs(config="huge", steps=3).validate()
+
+
+def test_base_config_size_budget():
+    from transformers import LlavaForConditionalGeneration
+
+    from dyrate.testbed.configs import build_config
+
+    config = build_config("base", vocab_size=110, image_token_id=4, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert 2 * n <= 16 * 2**20  # fp16 bytes
+    assert config.text_config._attn_implementation == "sdpa" or config._attn_implementation == "sdpa"
+    assert SPECS["base"].num_image_tokens == 144
+
+
+def _image():
+    from dyrate.testbed.scenes import render, sample_scene
+
+    return render(sample_scene(1), 32)
+
+
+def _msgs():
+    from dyrate.testbed.processing import messages
+
+    return messages("how many objects are there?")
+
+
+def test_lm_loss_is_mean_over_examples():
+    import torch.nn.functional as F
+
+    model, aux, proc = build_model("tiny", 0)
+    model.eval()
+    batch = BatchBuilder(proc, "tiny").build([21, 22, 23, 24])
+    with torch.no_grad():
+        _, parts = compute_loss(model, aux, batch, aux_weight=0.0)
+        logits, _ = forward_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    per_example = [
+        F.cross_entropy(logits[b, :-1], batch["labels"][b, 1:], ignore_index=-100).item() for b in range(4)
+    ]
+    assert parts["lm"] == pytest.approx(sum(per_example) / 4, rel=1e-5)
