@@ -1,0 +1,436 @@
+"""The evaluation runner: rows x policies through `dyrate.generate`, samples to JSONL as it goes,
+then one scoring pass and the reports.
+
+    from dyrate.evaluation import EvalConfig, prepare, run_eval
+    config = EvalConfig(task="vqa", data="data/vqa.jsonl", policies=["none", "fastv:k=2,r=0.5"], out="runs/eval")
+    plan = prepare(config)                     # checks data and policies, no model needed
+    summary = run_eval(model, processor, plan) # resumes whatever config.out already holds
+
+Data parallel: under `accelerate launch`, every process calls `run_eval` with the same plan; it
+takes every world_size-th row, writes samples.rank{r}.jsonl, and the main process merges and
+scores after all are done (the other processes return None).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from ..errors import InputError
+from . import metrics as M
+from .datasets import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_NEW_TOKENS, TASKS, Dataset, Row, load_dataset
+from .store import SAMPLES, SampleWriter, merge_samples, read_all, shard_path, shard_rows
+
+CONVENTIONS = ("prefill", "cached", "nocache")
+PRIMARY_METRIC = {"caption": "CIDEr", "vqa": "accuracy", "pope": "f1"}
+RUN_FILE = "run.json"
+LOG_FILE = "eval.log"
+MAX_STDERR_PROBLEMS = 20  # more go to eval.log only
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate. `max_new_tokens=None` takes the task's default (caption 64, vqa 10, pope 5)."""
+
+    task: str
+    data: str | Path
+    policies: str | list[str]  # specs, or one string separated by ';'
+    out: str | Path
+    images: str | Path | None = None
+    limit: int | None = None
+    batch_size: int = 8
+    max_new_tokens: int | None = None
+    mode: str = "evict"
+    prompt: str = DEFAULT_CAPTION_PROMPT  # caption instruction
+    suffix: str = ""  # appended to VQA / POPE questions, e.g. "Answer with one word."
+    progress: bool = True
+    model_name: str = ""  # recorded in run.json / summary (a path, or "builtin")
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise InputError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        if self.max_new_tokens is None:
+            self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[self.task]
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise InputError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.mode not in ("evict", "mask"):
+            raise InputError(f"mode must be 'evict' or 'mask', got {self.mode!r}")
+        self.out = Path(self.out)
+
+    def prompt_for(self, row: Row) -> str:
+        if self.task == "caption":
+            return self.prompt
+        return f"{row.question} {self.suffix}".strip() if self.suffix else row.question
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run that wrote the samples."""
+        d = {
+            "task": self.task,
+            "data": str(Path(self.data).resolve()),
+            "images": None if self.images is None else str(Path(self.images).resolve()),
+            "model": self.model_name,
+            "mode": self.mode,
+            "max_new_tokens": self.max_new_tokens,
+        }
+        if self.task == "caption":
+            d["prompt"] = self.prompt
+        else:
+            d["suffix"] = self.suffix
+        return d
+
+
+@dataclass
+class Plan:
+    config: EvalConfig
+    dataset: Dataset
+    policies: list[str]  # canonical specs, in the order given, duplicates removed
+
+    @property
+    def rows(self) -> list[Row]:
+        return self.dataset.rows
+
+    def order(self) -> list[tuple[str, str]]:
+        return [(r.key, p) for r in self.rows for p in self.policies]
+
+
+def parse_policies(specs: str | list[str]) -> list[str]:
+    """'none;fastv:k=2,r=0.5' or a list -> canonical spec strings (PolicySpecError on a bad one)."""
+    from ..policies import parse_policy
+
+    if isinstance(specs, str):
+        specs = specs.split(";")
+    out: list[str] = []
+    for s in specs:
+        if s.strip():
+            spec = parse_policy(s.strip()).spec()
+            if spec not in out:
+                out.append(spec)
+    if not out:
+        raise InputError("no policy given (e.g. --policies 'none;fastv:k=2,r=0.5')")
+    return out
+
+
+def prepare(config: EvalConfig) -> Plan:
+    """Check the policies and read the dataset (no model). Raises InputError / PolicySpecError."""
+    policies = parse_policies(config.policies)
+    dataset = load_dataset(config.task, config.data, config.images, config.limit)
+    return Plan(config, dataset, policies)
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass
+class _Log:
+    out: Path
+    stream: TextIO | None
+    is_main: bool
+    shown: int = 0
+    lines: list[str] = field(default_factory=list)
+
+    def problem(self, msg: str) -> None:
+        if not self.is_main:
+            return
+        self.lines.append(msg)
+        if self.stream is not None:
+            if self.shown < MAX_STDERR_PROBLEMS:
+                print(f"dyrate eval: {msg}", file=self.stream)
+            elif self.shown == MAX_STDERR_PROBLEMS:
+                print(f"dyrate eval: ... more problems in {self.out / LOG_FILE}", file=self.stream)
+            self.shown += 1
+        with (self.out / LOG_FILE).open("a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+
+def _check_run_file(config: EvalConfig, is_main: bool) -> None:
+    path = config.out / RUN_FILE
+    ident = config.identity()
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if isinstance(old, dict):
+            diff = [k for k in ident if old.get(k) != ident[k]]
+            if diff:
+                detail = ", ".join(f"{k}: {old.get(k)!r} -> {ident[k]!r}" for k in diff)
+                raise InputError(
+                    f"{config.out} holds a run with other settings ({detail}); "
+                    "use another --out directory to keep both, or delete it"
+                )
+    elif is_main:
+        config.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(ident, indent=2) + "\n")
+
+
+def run_eval(
+    model,
+    processor,
+    plan: Plan,
+    state=None,
+    log: TextIO | None | str = "stderr",
+    on_batch: Callable[[int, int], None] | None = None,
+) -> dict | None:
+    """Generate every (row, policy) pair of `plan` not yet in `plan.config.out`, then (main process)
+    merge, score and write samples.jsonl, summary.json, summary.md and pareto.png.
+
+    state: an `accelerate.PartialState` (or anything with num_processes, process_index,
+    is_main_process, wait_for_everyone()); None runs single-process.
+    log: where problems (skipped rows, per-row errors) are printed besides OUT/eval.log ("stderr":
+    sys.stderr at call time; None: the log file only).
+    on_batch(batch_index, pairs_done_so_far) is called after each batch is flushed (test hook).
+    Returns the summary dict on the main process, None on the others."""
+    from ..api import generate, read_image
+    from ..errors import DyrateError
+
+    config = plan.config
+    if log == "stderr":
+        log = sys.stderr
+    world = getattr(state, "num_processes", 1) if state is not None else 1
+    rank = getattr(state, "process_index", 0) if state is not None else 0
+    is_main = rank == 0
+    if config.out.exists() and not config.out.is_dir():
+        raise InputError(f"--out {str(config.out)!r} is a file, not a folder")
+    config.out.mkdir(parents=True, exist_ok=True)
+    _check_run_file(config, is_main)
+    logger = _Log(config.out, log, is_main)
+    if is_main:
+        for msg in plan.dataset.bad:
+            logger.problem(f"skipped row: {msg}")
+
+    done = set(read_all(config.out))  # every process reads before anyone writes
+    _barrier(state)
+    my_rows = shard_rows(plan.rows, rank, world)
+    todo = [(row, [p for p in plan.policies if (row.key, p) not in done]) for row in my_rows]
+    todo = [(row, pols) for row, pols in todo if pols]
+    total = sum(len(p) for _, p in todo)
+    target = shard_path(config.out, rank) if world > 1 else config.out / SAMPLES
+
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total,
+        desc=f"eval {config.task} [rank {rank}]" if world > 1 else f"eval {config.task}",
+        unit="gen",
+        disable=not (config.progress and is_main) or total == 0,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+    n_done = 0
+    if todo:
+        _warm_up(generate, model, processor, todo[0][0], config, DyrateError)
+    with SampleWriter(target) as writer:
+        for b, start in enumerate(range(0, len(todo), config.batch_size)):
+            batch = todo[start : start + config.batch_size]
+            images: dict[str, Any] = {}
+            for row, pols in batch:
+                try:
+                    images[row.key] = read_image(row.image)
+                except DyrateError as err:
+                    logger.problem(f"row {row.id!r}: {err}")
+                    for p in pols:
+                        writer.write(_error_sample(row, p, config.mode, str(err)))
+                    n_done += len(pols)
+                    bar.update(len(pols))
+            for policy in plan.policies:
+                rows = [row for row, pols in batch if policy in pols and row.key in images]
+                if not rows:
+                    continue
+                for row, sample in _generate_rows(
+                    generate, model, processor, rows, images, policy, config, DyrateError
+                ):
+                    if sample.get("error"):
+                        logger.problem(f"row {row.id!r}, policy {policy}: {sample['error']}")
+                    writer.write(sample)
+                writer.flush()
+                n_done += len(rows)
+                bar.update(len(rows))
+            writer.flush()
+            if on_batch is not None:
+                on_batch(b, n_done)
+    bar.close()
+    _barrier(state)
+    if not is_main:
+        return None
+    samples = merge_samples(config.out, plan.order())
+    summary = summarize(plan, samples)
+    summary["processes"] = world
+    from .report import write_reports
+
+    write_reports(config.out, summary)
+    return summary
+
+
+def _warm_up(generate, model, processor, row: Row, config: EvalConfig, error_type) -> None:
+    """One short untimed call, so the first batch's latency is not the one-off start-up cost."""
+    from ..api import read_image
+
+    try:
+        generate(model, processor, [read_image(row.image)], [config.prompt_for(row)], max_new_tokens=1)
+    except error_type:
+        pass  # the row itself reports its problem later
+
+
+def _barrier(state) -> None:
+    if state is not None and getattr(state, "num_processes", 1) > 1:
+        state.wait_for_everyone()
+
+
+def _generate_rows(generate, model, processor, rows, images, policy, config, error_type):
+    """[(row, sample)] for one policy over some rows: one batched call; if it fails on bad input,
+    row by row so that only the offending rows get an error sample."""
+    try:
+        t0 = time.perf_counter()
+        results = generate(
+            model,
+            processor,
+            [images[r.key] for r in rows],
+            [config.prompt_for(r) for r in rows],
+            policy=policy,
+            mode=config.mode,
+            max_new_tokens=config.max_new_tokens,
+        )
+        latency = (time.perf_counter() - t0) / len(rows)
+        return [(r, _sample(r, policy, config.mode, res, latency)) for r, res in zip(rows, results)]
+    except error_type as err:
+        if len(rows) == 1:
+            return [(rows[0], _error_sample(rows[0], policy, config.mode, str(err)))]
+    out = []
+    for r in rows:
+        out += _generate_rows(generate, model, processor, [r], images, policy, config, error_type)
+    return out
+
+
+def _sample(row: Row, policy: str, mode: str, res, latency: float) -> dict:
+    return {
+        "id": row.id,
+        "policy": policy,
+        "mode": mode,
+        "prediction": res.text,
+        "n_tokens": len(res.token_ids),
+        "retained": res.retained,
+        "flops": {c: {k: res.flops[c][k] for k in ("ratio", "flops", "full_flops")} for c in CONVENTIONS},
+        "latency_s": latency,
+        "error": None,
+    }
+
+
+def _error_sample(row: Row, policy: str, mode: str, error: str) -> dict:
+    return {"id": row.id, "policy": policy, "mode": mode, "prediction": None, "error": error}
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def summarize(plan: Plan, samples: list[dict] | dict) -> dict:
+    """Score the samples of the plan's rows x policies: one dict with the settings, row counts and,
+    per policy, quality metrics, ratios to `none`, FLOPs in three conventions, retained, latency."""
+    from .store import sample_key
+
+    config, ds = plan.config, plan.dataset
+    found = samples if isinstance(samples, dict) else {sample_key(s): s for s in samples}
+    per_policy: dict[str, list[tuple[Row, dict]]] = {}
+    counts: dict[str, dict[str, int]] = {}
+    for p in plan.policies:
+        ok, errors, missing = [], 0, 0
+        for row in plan.rows:
+            s = found.get((row.key, p))
+            if s is None:
+                missing += 1
+            elif s.get("error") or s.get("prediction") is None:
+                errors += 1
+            else:
+                ok.append((row, s))
+        per_policy[p] = ok
+        counts[p] = {"scored": len(ok), "errors": errors, "missing": missing, "skipped": len(ds.bad)}
+
+    notes: list[str] = []
+    quality = _quality(config.task, per_policy, notes)
+    baseline = next((p for p in plan.policies if p.split(":")[0] == "none"), None)
+    policies = []
+    for p in plan.policies:
+        ok = per_policy[p]
+        entry: dict[str, Any] = {"policy": p, "metrics": quality.get(p, {}), **counts[p]}
+        flops = {}
+        for c in CONVENTIONS:
+            fl = [s["flops"][c] for _, s in ok if "flops" in s]
+            tot, full = sum(f["flops"] for f in fl), sum(f["full_flops"] for f in fl)
+            flops[c] = {
+                "ratio": M.mean(f["ratio"] for f in fl),
+                "ratio_of_totals": tot / full if full else None,
+                "flops": tot,
+                "full_flops": full,
+            }
+        entry["flops"] = flops
+        entry["retained"] = M.mean(s["retained"] for _, s in ok)
+        entry["latency_s"] = M.mean(s["latency_s"] for _, s in ok)
+        entry["new_tokens"] = M.mean(s["n_tokens"] for _, s in ok)
+        policies.append(entry)
+    if baseline is not None:
+        base = next(e for e in policies if e["policy"] == baseline)["metrics"]
+        for e in policies:
+            e["relative"] = {
+                k: (
+                    v / base[k]
+                    if isinstance(v, (int, float)) and isinstance(base.get(k), (int, float)) and base[k]
+                    else None
+                )
+                for k, v in e["metrics"].items()
+                if isinstance(v, (int, float))
+            }
+    missing = sum(c["missing"] for c in counts.values())
+    if missing:
+        notes.append(f"{missing} (row, policy) pairs have no sample yet: rerun the same command to finish")
+    return {
+        "task": config.task,
+        "data": str(ds.path),
+        "model": config.model_name,
+        "mode": config.mode,
+        "max_new_tokens": config.max_new_tokens,
+        "prompt": config.prompt if config.task == "caption" else None,
+        "suffix": config.suffix if config.task != "caption" else None,
+        "scenes": None if ds.scenes is None else str(ds.scenes),
+        "rows": {"evaluated": len(ds.rows), "skipped": len(ds.bad), "read": ds.n_read, "limit": config.limit},
+        "primary_metric": PRIMARY_METRIC[config.task],
+        "baseline": baseline,
+        "policies": policies,
+        "notes": notes,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _quality(task: str, per_policy: dict[str, list[tuple[Row, dict]]], notes: list[str]) -> dict[str, dict]:
+    out: dict[str, dict] = {p: {} for p in per_policy}
+    if task == "caption":
+        refs = {}
+        for ok in per_policy.values():
+            for row, _ in ok:
+                refs[row.key] = row.references
+        preds = {p: {row.key: s["prediction"] for row, s in ok} for p, ok in per_policy.items() if ok}
+        try:
+            scores = M.caption_metrics_many(preds, refs) if preds else {}
+        except M.JavaMissing as err:
+            notes.append(f"CIDEr, BLEU-4 and ROUGE-L not computed: {err}")
+            scores = {}
+        for p, ok in per_policy.items():
+            out[p].update(scores.get(p, {}))
+            with_objects = [(s["prediction"], row.objects) for row, s in ok if row.objects is not None]
+            if with_objects:
+                out[p].update(M.object_metrics(with_objects))
+    elif task == "vqa":
+        for p, ok in per_policy.items():
+            if ok:
+                out[p] = M.vqa_metrics(
+                    [s["prediction"] for _, s in ok], [r.references for r, _ in ok], [r.type for r, _ in ok]
+                )
+    else:
+        for p, ok in per_policy.items():
+            if ok:
+                out[p] = M.pope_metrics([s["prediction"] for _, s in ok], [r.label for r, _ in ok])
+    return out
