@@ -61,3 +61,24 @@ def test_findk_bad_input(tiny, images, prompts):
         find_k(model, processor, images[:2], prompts[:1])
     with pytest.raises(PolicySpecError):
         find_k(model, processor, images[:1], prompts[:1], layers=[4])
+
+
+def test_cli_findk(tiny_dir, images, tmp_path, capsys):
+    import json
+
+    from dyrate.cli import main
+
+    (tmp_path / "images").mkdir()
+    rows = []
+    for i, img in enumerate(images):
+        img.save(tmp_path / "images" / f"{i}.png")
+        rows.append({"question_id": i, "image": f"images/{i}.png", "question": "what colour?", "answers": ["red"]})
+    (tmp_path / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc = main(["findk", "--model", str(tiny_dir), "--task", "vqa", "--data", str(tmp_path / "vqa.jsonl"),
+               "--limit", "2", "--max-new-tokens", "3", "--eta", "1e9", "--json"])
+    assert rc == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["k"] == 1 and payload["samples"] == 2 and set(payload["kl"]) == {"1", "2", "3"}
+    assert main(["findk", "--model", str(tiny_dir), "--task", "vqa", "--data", str(tmp_path / "vqa.jsonl"),
+                 "--eta", "0"]) == 2
+    assert main(["findk", "--task", "vqa", "--data", str(tmp_path / "missing.jsonl")]) == 2

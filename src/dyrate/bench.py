@@ -153,13 +153,15 @@ def bench(model, policies: list[str], batches: list[int], new_tokens: int = 64, 
         ids, mask, pixels = make_inputs(model, b, text_tokens, device)
         for engine in engines:
             run_once(engine, ids, mask, pixels, min(new_tokens, 4))  # warm-up, not timed
-            ttft, dec, e2e, peaks = [], [], [], []
-            for _ in range(repeats):
-                t_first, t_dec, t_all, peak, state = run_once(engine, ids, mask, pixels, new_tokens)
-                ttft.append(t_first), dec.append(t_dec), e2e.append(t_all), peaks.append(peak)
+        runs: list[list[tuple]] = [[] for _ in engines]
+        for _ in range(repeats):  # interleaved, so slow drifts of the machine hit every policy alike
+            for i, engine in enumerate(engines):
+                runs[i].append(run_once(engine, ids, mask, pixels, new_tokens))
                 if progress:
                     progress()
-            _, fl, retained = row_trace(engine, state.records, [0] * new_tokens, shape, n_img, n_sys + n_ins)
+        for engine, results in zip(engines, runs):
+            ttft, dec, e2e, peaks, states = zip(*results)
+            _, fl, retained = row_trace(engine, states[-1].records, [0] * new_tokens, shape, n_img, n_sys + n_ins)
             rows.append(BenchRow(engine.policy.spec(), b, statistics.median(ttft),
                                  b * (new_tokens - 1) / statistics.median(dec), statistics.median(e2e),
                                  max(peaks), fl, retained))

@@ -15,6 +15,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "flops": ("dyrate.commands.flops", "FLOPs ratio of a policy under a named convention"),
     "demo": ("dyrate.commands.demo", "run every policy on the built-in model and compare them"),
     "bench": ("dyrate.commands.bench", "time, memory and FLOPs of every policy side by side"),
+    "findk": ("dyrate.commands.findk", "VTW's withdrawal layer: next-token KL per layer on a few samples"),
+    "eval": ("dyrate.commands.eval", "evaluate policies on caption / VQA / POPE data: quality, FLOPs, retained tokens"),
+    "testbed": ("dyrate.testbed.cli", "build the testbed: scene data, training and evaluation of the small LLaVA"),
 }
 
 
