@@ -2,7 +2,7 @@
 
 A word-level `tokenizers` model (every word of the testbed's closed vocabulary is one token,
 punctuation split off and glued back by the decoder) wrapped in `PreTrainedTokenizerFast`, plus
-a `CLIPImageProcessor`, combined in a `LlavaProcessor` with a LLaVA-1.5-style chat template:
+a `CLIPImageProcessorPil` (the PIL backend; no torchvision needed), combined in a `LlavaProcessor` with a LLaVA-1.5-style chat template:
 
     <s>a chat between a user and an assistant that describes simple scenes.
     USER: <image>
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
 from . import language as L
 from .scenes import BACKGROUNDS, COLOUR_NAMES, POSITIONS, SHAPES, SIZES
@@ -108,7 +108,7 @@ def build_processor(image_size: int, patch_size: int) -> LlavaProcessor:
     """LlavaProcessor for a model with square `image_size` inputs and `patch_size` patches.
     The CLIP tower adds a CLS token which the 'default' feature strategy drops, so one
     '<image>' expands to (image_size // patch_size) ** 2 tokens."""
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         image_mean=list(CLIP_MEAN),
