@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTN_NAME = "dyrate_sdpa"
@@ -27,23 +27,41 @@ class ProbeRequest:
     row: torch.Tensor | None = None
 
 
-def probe_row(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
-    """Head-averaged attention of the last query. query: (B, H, q, D); key: (B, Hkv, n, D);
-    mask: None or (B, 1, q, n) bool (True = attend). Returns (B, n) float32."""
-    q = query[:, :, -1:, :].float()  # (B, H, 1, D)
-    k = repeat_kv(key, query.shape[1] // key.shape[1]).float()  # (B, H, n, D)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (B, H, 1, n)
+def _scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Attention probabilities of the last query, per head. query: (B, H, q, D); key: (B, Hkv, n, D);
+    mask: None or (B, 1, q, n) bool (True = attend). Returns (B, Hkv, rep, n) float32, rep = H / Hkv.
+
+    Scores are computed in the model's dtype and normalised in float32, as eager attention does;
+    grouped query heads are scored against their shared key head without copying the keys."""
+    b, h, _, d = query.shape
+    h_kv = key.shape[1]
+    q = query[:, :, -1, :].reshape(b, h_kv, h // h_kv, d)  # (B, Hkv, rep, D)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling  # (B, Hkv, rep, n)
     if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, -1:, :], float("-inf"))
+        scores = scores.masked_fill(~mask[:, :, -1, None, :], float("-inf"))  # mask row: (B, 1, 1, n)
     # The newest query is the last position, so without a mask it sees every key.
-    return scores.softmax(dim=-1).mean(dim=1).squeeze(1)  # (B, n)
+    return scores.softmax(dim=-1)
+
+
+def probe_row(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Head-averaged attention of the last query: (B, n) float32 (shapes as in `_scores`)."""
+    return _scores(query, key, mask, scaling).flatten(1, 2).mean(dim=1)
 
 
 def dyrate_attention(module, query, key, value, attention_mask, scaling=None, probe: ProbeRequest | None = None, **kwargs):
-    if probe is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if probe is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if query.shape[2] > 1:  # prefill: SDPA for the layer, plus the one probe row
         probe.row = probe_row(query, key, attention_mask, scale)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    # Decode (one query): the probabilities the probe needs are the layer's own, so compute the
+    # attention once from them instead of reading the keys twice.
+    b, h, _, d = query.shape
+    p = _scores(query, key, attention_mask, scale)  # (B, Hkv, rep, n)
+    probe.row = p.flatten(1, 2).mean(dim=1)  # (B, n)
+    out = torch.matmul(p.to(value.dtype), value)  # (B, Hkv, rep, D)
+    return out.reshape(b, 1, h, d), None  # (B, q=1, H, D), as sdpa_attention_forward returns
 
 
 AttentionInterface.register(ATTN_NAME, dyrate_attention)

@@ -142,12 +142,14 @@ class Engine:
         state.pos = torch.cat([state.pos, state.pos[:, -1:] + 1], dim=1)
         hidden = a.embed_tokens(tokens[:, None])  # (B, 1, d)
         record = self._new_record(b, tokens.device)
+        position_ids = state.pos[:, -1:]  # (B, 1): the new token, the same in every segment
+        pos_emb = a.rotary(hidden, position_ids)
         row = None
         for s, seg in enumerate(state.segments):
             if row is not None:  # the previous segment probed: stage s may change its kept set
                 self._decide(state, s, row, record)
             seg.append(new_col)
-            hidden, row = self._run_layers(state, seg, hidden, q=1, record=record, s=s)
+            hidden, row = self._run_layers(state, seg, hidden, q=1, record=record, s=s, pos=(position_ids, pos_emb))
         state.records.append(record)
         return a.logits(hidden)[:, -1, :]
 
@@ -166,12 +168,15 @@ class Engine:
         """Does the segment after segment s need a probe of this step?"""
         return s + 1 < len(self.bounds) and (state.step == 0 or self.policy.decode_probe)
 
-    def _run_layers(self, state: DecodeState, seg: Segment, hidden: torch.Tensor, q: int, record, s: int):
+    def _run_layers(self, state: DecodeState, seg: Segment, hidden: torch.Tensor, q: int, record, s: int, pos=None):
         """Run the layers of `seg` on its last q slots. Returns the hidden states (B, q, d) and, if the
-        next stage needs it this step, the probe row of the segment's last layer (B, S) (else None)."""
+        next stage needs it this step, the probe row of the segment's last layer (B, S) (else None).
+        pos: (position ids, rotary embeddings) of the queries, when the caller has them."""
         a = self.adapter
-        position_ids = state.pos.gather(1, seg.col[:, -q:])  # (B, q)
-        pos_emb = a.rotary(hidden, position_ids)
+        if pos is None:
+            position_ids = state.pos.gather(1, seg.col[:, -q:])  # (B, q)
+            pos = (position_ids, a.rotary(hidden, position_ids))
+        position_ids, pos_emb = pos
         mask = None if seg.dense else self._mask(seg, q)
         request = ProbeRequest() if self._wants_probe(state, s) else None
         for layer in range(seg.start, seg.end):
@@ -229,6 +234,8 @@ class Engine:
             return None
         k = torch.minimum(target.to(row.device).clamp(min=0), probe.kept)  # (B,)
         record["rate"][:, s - 1] = self.policy.rate(s - 1, probe, k)
+        if current is not None and self.mode == "evict" and bool((k == probe.kept).all()):
+            return None  # every row keeps all it still has: nothing to rank or evict
         # rank the candidates by attention (ties: earlier slot first) and keep the top k of each row
         order = row.masked_fill(~cand, float("-inf")).sort(dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=row.device).expand_as(order))

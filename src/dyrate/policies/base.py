@@ -28,6 +28,12 @@ def keep_count(rate: float, n_img: int) -> int:
     return int(math.ceil(round((1.0 - rate) * n_img, 6)))
 
 
+def keep_counts(rate: float | torch.Tensor, n_img: torch.Tensor) -> torch.Tensor:
+    """`keep_count` for a batch: rate scalar or (B,), n_img (B,) -> (B,) long, on n_img's device."""
+    kept = ((1.0 - torch.as_tensor(rate, dtype=torch.float64, device=n_img.device)) * n_img.double())
+    return kept.round(decimals=6).ceil().long()
+
+
 def check_layer(k: int, name: str = "k") -> int:
     if k < 1:
         raise PolicySpecError(f"{name}={k}: the first pruned layer must be >= 1 (layer K-1 is the probe)")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Policy, Probe, check_layer, check_rate, keep_count
+from .base import Policy, Probe, check_layer, check_rate, keep_count, keep_counts
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class FastV(Policy):
     def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
         if probe.step > 0:
             return None
-        return torch.tensor([keep_count(self.r, int(n)) for n in probe.n_img], device=probe.n_img.device)
+        return keep_counts(self.r, probe.n_img)
 
     def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
         return [n_img] * self.k + [keep_count(self.r, n_img)] * (n_layers - self.k)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PolicySpecError
-from .base import Policy, Probe, check_layer, check_rate, keep_count
+from .base import Policy, Probe, check_layer, check_rate, keep_count, keep_counts
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class DepthSchedule(Policy):
         if probe.step > 0:
             return None
         r = self.steps[stage][1]
-        return torch.tensor([keep_count(r, int(n)) for n in probe.n_img], device=probe.n_img.device)
+        return keep_counts(r, probe.n_img)
 
     def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
         counts = [n_img] * n_layers
