@@ -183,6 +183,9 @@ def test_policy_errors():
     class DataDependent(Policy):
         name = "datadep"
 
+        def keep(self, stage, probe, state):
+            return None
+
         def static_image_tokens(self, n_img, n_layers):
             return None
 

@@ -13,6 +13,7 @@ as first dimension, so the engine can reorder them for beam search).
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 
@@ -66,7 +67,7 @@ class Probe:
     step: int
 
 
-class Policy:
+class Policy(abc.ABC):
     """Base class. Subclasses are frozen dataclasses holding only configuration."""
 
     #: name used in spec strings and the registry
@@ -90,9 +91,9 @@ class Policy:
     def init_state(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
         return {}
 
+    @abc.abstractmethod
     def keep(self, stage: int, probe: Probe, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Target image-token count per row (B,) long for `stage`, or None to leave the kept set as it is."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     def rate(self, stage: int, probe: Probe, keep: torch.Tensor) -> torch.Tensor:
         """The reduction rate behind a decision, for the trace. Default: 1 - keep / n_img."""
