@@ -233,7 +233,7 @@ class Engine:
         if target is None:
             return None
         k = torch.minimum(target.to(row.device).clamp(min=0), probe.kept)  # (B,)
-        record["rate"][:, s - 1] = self.policy.rate(s - 1, probe, k)
+        record["rate"][:, s - 1] = self.policy.rate(s - 1, probe, k, state.policy_state)
         if current is not None and self.mode == "evict" and bool((k == probe.kept).all()):
             return None  # every row keeps all it still has: nothing to rank or evict
         # rank the candidates by attention (ties: earlier slot first) and keep the top k of each row

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from ..errors import PolicySpecError
 from .base import GROUPS, Policy, Probe, keep_count
+from .dyrate import DyRate
+from .dyrate_rnn import DyRateRNN
 from .fastv import FastV
 from .fixed import FixedRate
 from .none import NoPruning
@@ -18,6 +20,8 @@ REGISTRY: dict[str, type[Policy]] = {
     "vtw": VTW,
     "fixed": FixedRate,
     "schedule": DepthSchedule,
+    "dyrate": DyRate,
+    "dyrate-rnn": DyRateRNN,
 }
 
 

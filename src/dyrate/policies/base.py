@@ -95,8 +95,9 @@ class Policy(abc.ABC):
     def keep(self, stage: int, probe: Probe, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Target image-token count per row (B,) long for `stage`, or None to leave the kept set as it is."""
 
-    def rate(self, stage: int, probe: Probe, keep: torch.Tensor) -> torch.Tensor:
-        """The reduction rate behind a decision, for the trace. Default: 1 - keep / n_img."""
+    def rate(self, stage: int, probe: Probe, keep: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reduction rate behind this step's decision (B,), for the trace. Default: 1 - keep / n_img.
+        A policy that chose a rate itself can leave it in `state` during `keep` and return it here."""
         return 1.0 - keep.float() / probe.n_img.clamp(min=1).float()
 
     def static_image_tokens(self, n_img: int, n_layers: int) -> list[int] | None:

@@ -1,0 +1,89 @@
+"""Train a rate predictor for `dyrate:predictor=FILE` (mlp) or `dyrate-rnn:predictor=FILE` (gru).
+
+The VLM stays frozen. Each sequence is a prompt plus the unpruned model's own greedy answer,
+teacher-forced; the loss is KL(full || soft-pruned) on the answer's next-token distributions plus a
+compute term (--lambda: lambda * mean expected kept fraction; --target-keep: a squared budget
+penalty). See docs/dyrate.md. Rerunning the same command resumes (state in OUT's
+.train-state.safetensors file next to it).
+
+Examples:
+  dyrate train-predictor --model runs/testbed --testbed --arch gru --lambda 0.1 --out runs/gru.safetensors
+  dyrate train-predictor --model runs/testbed --data runs/testbed-data --arch mlp --target-keep 0.4 --out mlp.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .common import add_model_arguments
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_model_arguments(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", default=None, help="folder with vqa.jsonl / pope_*.jsonl / captions.json (dyrate testbed data)")
+    src.add_argument("--testbed", action="store_true", help="procedurally generated testbed scenes and questions")
+    p.add_argument("--arch", required=True, choices=("mlp", "gru"), help="mlp (policy dyrate) or gru (policy dyrate-rnn)")
+    obj = p.add_mutually_exclusive_group(required=True)
+    obj.add_argument("--target-keep", type=float, default=None, help="budget: target mean fraction of image tokens kept")
+    obj.add_argument("--lambda", dest="lam", type=float, default=None, help="weight of the mean expected kept fraction")
+    p.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps in total (default 200)")
+    p.add_argument("--k", type=int, default=2, help="first pruned layer K; the probe reads layer K-1 (default 2)")
+    p.add_argument("--bins", type=int, default=10, help="number of rate bins B (default 10)")
+    p.add_argument("--history", type=int, default=8, help="gru: window of share vectors, 0 = unbounded (default 8)")
+    p.add_argument("--hidden", type=int, default=32, help="hidden size of the predictor (default 32)")
+    p.add_argument("--step-feature", action="store_true", help="also feed log(1 + decode step) to the predictor")
+    p.add_argument("--samples", type=int, default=64, help="training sequences (default 64)")
+    p.add_argument("--batch", type=int, default=4, help="sequences per optimizer step (default 4)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    p.add_argument("--budget-weight", type=float, default=10.0, help="weight of the --target-keep penalty (default 10)")
+    p.add_argument("--tau-start", type=float, default=1.0, help="Gumbel-Softmax temperature at the start (default 1)")
+    p.add_argument("--tau-end", type=float, default=0.1, help="temperature at the last step (default 0.1)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="length of the teacher answers (default 24)")
+    p.add_argument("--save-every", type=int, default=50, help="training-state checkpoint every N steps (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, data and noise seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print one JSON summary line")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InputError
+    from ..train_predictor import TrainConfig, folder_samples, testbed_samples, train
+    from .common import load_model
+
+    if args.samples < 1 or args.max_new_tokens < 1 or args.save_every < 1:
+        raise InputError("--samples, --max-new-tokens and --save-every must be >= 1")
+    if args.k < 1 or args.bins < 2 or args.history < 0 or args.hidden < 1:
+        raise InputError(f"need --k >= 1, --bins >= 2, --history >= 0, --hidden >= 1 (got {args.k}, {args.bins}, "
+                         f"{args.history}, {args.hidden})")
+    features = ("shares", "step") if args.step_feature else ("shares",)
+    cfg = TrainConfig(arch=args.arch, k=args.k, bins=args.bins, history=args.history, hidden=args.hidden,
+                      features=features, steps=args.steps, batch=args.batch, lr=args.lr, lam=args.lam,
+                      target_keep=args.target_keep, budget_weight=args.budget_weight, tau_start=args.tau_start,
+                      tau_end=args.tau_end, seed=args.seed)
+    if not args.out.endswith(".safetensors"):
+        raise InputError(f"--out {args.out!r} must end in .safetensors")
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    if not 1 <= args.k < n_layers:
+        raise InputError(f"--k {args.k} must lie in 1..{n_layers - 1} for this {n_layers}-layer decoder")
+    if args.testbed:
+        images, prompts = testbed_samples(model, args.samples, args.seed)
+    else:
+        images, prompts = folder_samples(args.data, args.samples)
+    log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
+    summary = train(model, processor, images, prompts, cfg, args.out, max_new_tokens=args.max_new_tokens,
+                    save_every=args.save_every, progress=not args.no_progress, log=log)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    last = summary["last"] or {}
+    policy = "dyrate" if args.arch == "mlp" else "dyrate-rnn"
+    print(f"{summary['steps']} steps; last loss {last.get('loss', float('nan')):.4f} (KL {last.get('kl', float('nan')):.4f}, "
+          f"kept {last.get('keep', float('nan')):.3f}); wrote {summary['out']}")
+    print(f"use it as --policy {policy}:k={args.k},predictor={summary['out']}")
+    return 0

@@ -1,0 +1,109 @@
+"""DyRate (learned rate): at every step a predictor maps the probe's share vector (sys, img, ins, res)
+to logits over B reduction rates {0, 1/B, ..., (B-1)/B}; the argmax bin i keeps
+ceil((1 - i/B) * n_img) image tokens from layer K on. `dyrate:k=K,predictor=FILE` uses an MLP on the
+current share vector; `dyrate-rnn` (dyrate_rnn.py) a GRU over the last N share vectors.
+
+The predictor file (see `dyrate.predictor`) is read when the policy is built. Checks: its arch, its
+probe layer K (k= may be left out: the predictor's own K is used), `validate(n_layers)` against the
+decoder depth it was trained for, and at the first decision the image-token count. The full model
+fingerprint (decoder shape hash) needs the model: `dyrate.predictor.check_predictor(model, policy.model)`
+(called by `dyrate train-predictor`; the engine only calls `validate`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import PolicySpecError
+from .base import Policy, Probe, check_layer, keep_counts
+
+
+@dataclass(frozen=True)
+class DyRate(Policy):
+    predictor: str = ""
+    k: int | None = None
+    model: object = field(default=None, compare=False, repr=False)  # the loaded RatePredictor
+    PARAMS = ("k", "predictor")
+    name = "dyrate"
+    arch = "mlp"
+    decode_probe = True
+
+    def __post_init__(self):
+        from ..predictor import RatePredictor, check_predictor, load_predictor
+
+        if self.model is None:
+            if not self.predictor:
+                raise PolicySpecError(f"{self.name}: predictor=FILE is required (a .safetensors file from dyrate train-predictor)")
+            object.__setattr__(self, "model", load_predictor(self.predictor))
+        if not isinstance(self.model, RatePredictor):
+            raise PolicySpecError(f"{self.name}: model must be a RatePredictor")
+        if self.model.config.arch != self.arch:
+            raise PolicySpecError(
+                f"{self.name}: predictor {self.predictor or '(given)'} is a {self.model.config.arch!r} predictor; "
+                f"use {'dyrate' if self.model.config.arch == 'mlp' else 'dyrate-rnn'}"
+            )
+        if self.k is None:
+            object.__setattr__(self, "k", self.model.config.k)
+        check_layer(self.k)
+        check_predictor(None, self.model, k=self.k, name=f"predictor {self.predictor or '(given)'}")
+        self.model.eval()
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        return (self.k,)
+
+    @property
+    def bins(self) -> int:
+        return self.model.config.bins
+
+    def validate(self, n_layers: int) -> None:
+        super().validate(n_layers)
+        fp = self.model.config.fingerprint or {}
+        if fp.get("num_hidden_layers") not in (None, n_layers):
+            raise PolicySpecError(
+                f"{self.spec()}: the predictor was trained for a {fp['num_hidden_layers']}-layer decoder, "
+                f"this one has {n_layers}"
+            )
+
+    def init_state(self, batch: int, device) -> dict[str, torch.Tensor]:
+        return self.model.init_state(batch, device)
+
+    def _check_n_img(self, probe: Probe) -> None:
+        fp = self.model.config.fingerprint or {}
+        want = fp.get("n_img")
+        if want is not None and bool((probe.n_img != want).any()):
+            raise PolicySpecError(
+                f"{self.spec()}: the predictor was trained for {want} image tokens per image, "
+                f"this model gives {int(probe.n_img.max())}"
+            )
+
+    def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
+        from ..predictor import feature_vector
+
+        if probe.step == 0:
+            self._check_n_img(probe)
+        net = self.model
+        param = next(net.parameters())
+        if param.device != probe.shares.device:
+            net.to(probe.shares.device)
+        x = feature_vector(probe.shares, probe.step, net.config.features)  # (B, F)
+        logits = net.step(x, state)  # (B, bins)
+        rate = logits.argmax(-1).float() / self.bins  # (B,) i / B
+        state["rate"] = rate  # the chosen rate, for the trace (see rate())
+        return keep_counts(rate, probe.n_img)
+
+    def rate(self, stage: int, probe: Probe, keep: torch.Tensor, state) -> torch.Tensor:
+        return state["rate"]
+
+    def static_image_tokens(self, n_img: int, n_layers: int) -> None:
+        return None  # data-dependent
+
+    def spec(self) -> str:
+        return f"{self.name}:k={self.k},predictor={self.predictor}"
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]):
+        k = params.get("k")
+        return cls(predictor=params.get("predictor", ""), k=int(k) if k is not None else None)

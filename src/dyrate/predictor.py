@@ -1,0 +1,278 @@
+"""Rate predictors: share vector(s) -> logits over B discrete reduction rates {0, 1/B, ..., (B-1)/B}.
+
+Two architectures:
+- `mlp`: the current share vector (sys, img, ins, res) (+ optional extra features) -> MLP -> B logits.
+- `gru`: a GRU over the last N feature vectors (N = `history`; the window is zero-padded at the
+  front until N steps have been seen, in training and at inference alike) -> B logits. `history=0`
+  means an unbounded recurrence: the GRU's hidden state is carried from step to step.
+
+Features (`features`, in this order): `shares` (always, 4 values) and optionally `step`
+(log1p of the decode step; 0 at prefill).
+
+A predictor file is one safetensors file: the weights, plus a JSON object under the header's
+`dyrate` metadata key (arch, bins, probe layer k, features, history, hidden size and the model
+fingerprint). Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, PolicySpecError
+
+ARCHS = ("mlp", "gru")
+EXTRA_FEATURES = ("step",)
+META_KEY = "dyrate"
+FORMAT_VERSION = 1
+
+
+class PredictorFileError(CheckpointError, PolicySpecError):
+    """A predictor file that cannot be used. Both a CheckpointError and a PolicySpecError, so a
+    policy spec naming it reports the file's own one-line message."""
+
+
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size")
+
+
+# ---------------------------------------------------------------- model fingerprint
+
+
+def image_token_count(config) -> int:
+    """Image tokens per image of a LLaVA config (patches, plus the CLS token for strategy 'full')."""
+    vision = config.vision_config
+    n = (vision.image_size // vision.patch_size) ** 2
+    if getattr(config, "vision_feature_select_strategy", "default") == "full":
+        n += 1
+    return int(n)
+
+
+def model_fingerprint(model_or_config) -> dict:
+    """Shape fields of the decoder, the image-token count, and a short hash of both."""
+    config = getattr(model_or_config, "config", model_or_config)
+    text = config.get_text_config()
+    fields = {name: getattr(text, name, None) for name in SHAPE_FIELDS}
+    if fields["head_dim"] is None and fields["hidden_size"] and fields["num_attention_heads"]:
+        fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
+    fields["n_img"] = image_token_count(config)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return {"hash": digest, **fields}
+
+
+# ---------------------------------------------------------------- the module
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    arch: str = "mlp"
+    bins: int = 10
+    k: int = 2  # first pruned layer; the probe reads layer k-1
+    features: tuple[str, ...] = ("shares",)
+    history: int = 8  # gru: window length N (0: unbounded recurrence)
+    hidden: int = 32
+    fingerprint: dict | None = None  # model_fingerprint() of the model it was trained for
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise PolicySpecError(f"predictor arch {self.arch!r} is not one of {', '.join(ARCHS)}")
+        if self.bins < 2:
+            raise PolicySpecError(f"predictor bins={self.bins}: need at least 2 rate bins")
+        if self.k < 1:
+            raise PolicySpecError(f"predictor k={self.k}: the first pruned layer must be >= 1")
+        if not self.features or self.features[0] != "shares" or any(f not in EXTRA_FEATURES for f in self.features[1:]):
+            raise PolicySpecError(f"predictor features {list(self.features)}: expected 'shares' then any of {EXTRA_FEATURES}")
+        if self.history < 0 or self.hidden < 1:
+            raise PolicySpecError(f"predictor history={self.history}, hidden={self.hidden}: need history >= 0, hidden >= 1")
+
+    @property
+    def in_dim(self) -> int:
+        return 4 + len(self.features) - 1
+
+
+def feature_vector(shares: torch.Tensor, step: torch.Tensor | int, features: tuple[str, ...]) -> torch.Tensor:
+    """(..., 4) shares (+ step: scalar or (...) tensor) -> (..., F) float32 predictor input."""
+    parts = [shares.float()]
+    for name in features[1:]:
+        if name == "step":
+            s = torch.as_tensor(step, dtype=torch.float32, device=shares.device)
+            parts.append(torch.log1p(s).expand(shares.shape[:-1]).unsqueeze(-1))
+    return torch.cat(parts, dim=-1)
+
+
+class RatePredictor(nn.Module):
+    """logits over `bins` reduction rates. Use `forward_sequence` in training (whole sequences) and
+    `step` at inference (one vector per row, state carried by the caller)."""
+
+    def __init__(self, config: PredictorConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        if c.arch == "mlp":
+            self.net = nn.Sequential(nn.Linear(c.in_dim, c.hidden), nn.GELU(), nn.Linear(c.hidden, c.hidden),
+                                     nn.GELU(), nn.Linear(c.hidden, c.bins))
+        else:
+            self.gru = nn.GRU(c.in_dim, c.hidden, batch_first=True)
+            self.head = nn.Linear(c.hidden, c.bins)
+
+    @property
+    def bins(self) -> int:
+        return self.config.bins
+
+    def rates(self) -> torch.Tensor:
+        """(bins,) the reduction rate of each bin: i / B."""
+        return torch.arange(self.config.bins, dtype=torch.float32) / self.config.bins
+
+    # training: x (B, T, F) -> (B, T, bins); position t sees x[:, :t+1] (gru) or x[:, t] (mlp)
+    def forward_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.arch == "mlp":
+            return self.net(x)
+        n = self.config.history
+        if n == 0:
+            out, _ = self.gru(x)  # (B, T, H)
+            return self.head(out)
+        b, t, f = x.shape
+        padded = torch.cat([x.new_zeros(b, n - 1, f), x], dim=1)  # (B, T+N-1, F)
+        windows = padded.unfold(1, n, 1).permute(0, 1, 3, 2).reshape(b * t, n, f)  # (B*T, N, F)
+        out, _ = self.gru(windows)  # (B*T, N, H)
+        return self.head(out[:, -1]).view(b, t, -1)
+
+    forward = forward_sequence
+
+    # inference: one vector per row
+    def init_state(self, batch: int, device) -> dict[str, torch.Tensor]:
+        c = self.config
+        if c.arch == "mlp":
+            return {}
+        if c.history == 0:
+            return {"gru_hidden": torch.zeros(batch, c.hidden, device=device)}  # (B, H)
+        return {"gru_window": torch.zeros(batch, c.history, c.in_dim, device=device)}  # (B, N, F)
+
+    def step(self, x: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """x: (B, F) -> logits (B, bins); updates `state` (from init_state) in place."""
+        if self.config.arch == "mlp":
+            return self.net(x)
+        if self.config.history == 0:
+            out, h = self.gru(x[:, None, :], state["gru_hidden"][None].contiguous())  # out (B, 1, H)
+            state["gru_hidden"] = h[0]
+            return self.head(out[:, -1])
+        window = torch.cat([state["gru_window"][:, 1:], x[:, None, :]], dim=1)  # (B, N, F)
+        state["gru_window"] = window
+        out, _ = self.gru(window)
+        return self.head(out[:, -1])
+
+
+def new_predictor(arch: str = "mlp", bins: int = 10, k: int = 2, features=("shares",), history: int = 8,
+                  hidden: int = 32, model=None, seed: int = 0) -> RatePredictor:
+    """A freshly initialised predictor (fingerprint taken from `model` when given)."""
+    config = PredictorConfig(arch, bins, k, tuple(features), history, hidden,
+                             model_fingerprint(model) if model is not None else None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return RatePredictor(config)
+
+
+# ---------------------------------------------------------------- files
+
+
+def save_predictor(predictor: RatePredictor, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise PredictorFileError(f"{path}: a predictor file must end in .safetensors")
+    meta = {"format": FORMAT_VERSION, **asdict(predictor.config)}
+    meta["features"] = list(predictor.config.features)
+    state = {k: v.detach().cpu().contiguous() for k, v in predictor.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    tmp.replace(path)
+    return path
+
+
+def read_safetensors(path: str | Path, what: str = "predictor file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file; CheckpointError for anything else
+    (wrong extension, missing, not parseable). Never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise PredictorFileError(f"{path}: a {what} must be a .safetensors file (other formats are refused)")
+    if not path.is_file():
+        raise PredictorFileError(f"{path}: no such {what}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise PredictorFileError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    return tensors, meta
+
+
+def load_predictor(path: str | Path) -> RatePredictor:
+    tensors, meta = read_safetensors(path)
+    if META_KEY not in meta:
+        raise PredictorFileError(f"{path}: a safetensors file without dyrate predictor metadata")
+    try:
+        m = json.loads(meta[META_KEY])
+        if m.pop("format", None) != FORMAT_VERSION:
+            raise ValueError("unknown format version")
+        m["features"] = tuple(m["features"])
+        config = PredictorConfig(**m)
+    except (ValueError, TypeError, KeyError, PolicySpecError) as err:
+        raise PredictorFileError(f"{path}: bad predictor metadata ({err})") from None
+    predictor = RatePredictor(config)
+    try:
+        predictor.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise PredictorFileError(f"{path}: weights do not match the predictor metadata ({str(err).splitlines()[0]})") from None
+    return predictor.eval()
+
+
+def check_predictor(model, predictor: RatePredictor, k: int | None = None, bins: int | None = None,
+                    name: str = "predictor") -> None:
+    """Refuse a predictor trained for another model (decoder shape or image-token count), another
+    probe layer `k` or another number of rate bins. One-line CheckpointError / PolicySpecError."""
+    c = predictor.config
+    if k is not None and k != c.k:
+        raise PolicySpecError(f"{name} was trained for k={c.k}, not k={k}")
+    if bins is not None and bins != c.bins:
+        raise PolicySpecError(f"{name} has {c.bins} rate bins, not {bins}")
+    if model is None:
+        return
+    if c.fingerprint is None:
+        raise CheckpointError(f"{name} has no model fingerprint; cannot check it against the model")
+    here = model_fingerprint(model)
+    if here["hash"] != c.fingerprint.get("hash"):
+        diff = [f"{key}={c.fingerprint.get(key)} (model: {here[key]})" for key in here
+                if key != "hash" and here[key] != c.fingerprint.get(key)]
+        raise CheckpointError(f"{name} was trained for another model: {', '.join(diff) or 'fingerprint differs'}")
+    if c.k >= here["num_hidden_layers"]:
+        raise PolicySpecError(f"{name}: k={c.k} must be < the decoder's {here['num_hidden_layers']} layers")
+
+
+def bin_keep_fraction(bins: int) -> torch.Tensor:
+    """(bins,) fraction of image tokens kept by each bin before rounding: 1 - i/B."""
+    return 1.0 - torch.arange(bins, dtype=torch.float32) / bins
+
+
+__all__ = [
+    "ARCHS",
+    "PredictorConfig",
+    "PredictorFileError",
+    "RatePredictor",
+    "check_predictor",
+    "feature_vector",
+    "image_token_count",
+    "load_predictor",
+    "model_fingerprint",
+    "new_predictor",
+    "save_predictor",
+]

@@ -1,0 +1,165 @@
+"""The learned-rate policies `dyrate` (MLP) and `dyrate-rnn` (GRU) through the unchanged engine:
+forced bins equal `none` / `fixed`, batches and beams work, foreign predictor files are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dyrate
+from dyrate.cli import main
+from dyrate.errors import CheckpointError, PolicySpecError
+from dyrate.policies import parse_policy
+from dyrate.predictor import (
+    check_predictor,
+    load_predictor,
+    new_predictor,
+    save_predictor,
+)
+from dyrate.tiny import tiny_model
+
+K = 2
+ARCH_POLICY = {"mlp": "dyrate", "gru": "dyrate-rnn"}
+
+
+def forced(model, arch: str, bin_: int, bins: int = 10, k: int = K, history: int = 4):
+    """A predictor whose argmax is always `bin_` (huge bias on that logit)."""
+    pred = new_predictor(arch, bins=bins, k=k, history=history, model=model, features=("shares", "step"))
+    head = pred.net[-1] if arch == "mlp" else pred.head
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[bin_] = 1e4
+    return pred
+
+
+def write(pred, path):
+    return str(save_predictor(pred, path))
+
+
+def run(tiny, images, prompts, policy, mode="evict", n=3, **kw):
+    model, processor = tiny
+    return dyrate.generate(model, processor, images[:n], prompts[:n], policy=policy, mode=mode,
+                           max_new_tokens=kw.pop("max_new_tokens", 10), **kw)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "gru"])
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+def test_bin0_equals_none(tiny, images, prompts, tmp_path, arch, mode):
+    path = write(forced(tiny[0], arch, 0), tmp_path / "p.safetensors")
+    ours = run(tiny, images, prompts, f"{ARCH_POLICY[arch]}:k={K},predictor={path}", mode)
+    ref = run(tiny, images, prompts, "none", mode)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in ref]
+    for r in ours:
+        assert all(e["rate"][0] == 0.0 for e in r.trace)
+        assert r.retained == 1.0
+
+
+@pytest.mark.parametrize("arch", ["mlp", "gru"])
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+@pytest.mark.parametrize("bin_", [3, 7])
+def test_bin_i_equals_fixed(tiny, images, prompts, tmp_path, arch, mode, bin_):
+    path = write(forced(tiny[0], arch, bin_), tmp_path / "p.safetensors")
+    ours = run(tiny, images, prompts, f"{ARCH_POLICY[arch]}:k={K},predictor={path}", mode)
+    ref = run(tiny, images, prompts, f"fixed:k={K},r={bin_ / 10}", mode)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in ref]
+    for a, b in zip(ours, ref):
+        assert [e["kept"] for e in a.trace] == [e["kept"] for e in b.trace]
+        assert [e["shares"] for e in a.trace] == [e["shares"] for e in b.trace]
+        assert all(e["rate"][0] == pytest.approx(bin_ / 10) for e in a.trace)
+        assert a.flops == b.flops
+
+
+@pytest.mark.parametrize("arch,history", [("mlp", 1), ("gru", 3), ("gru", 0)])
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+def test_random_predictor_rows_equal_alone_and_beams(tiny, images, prompts, tmp_path, arch, history, mode):
+    """An untrained predictor varies its rate; batch rows must still equal rows alone, beams must run."""
+    pred = new_predictor(arch, k=K, history=history, model=tiny[0], features=("shares", "step"), seed=3)
+    with torch.no_grad():  # spread the logits so the argmax moves with the shares
+        head = pred.net[-1] if arch == "mlp" else pred.head
+        head.weight.mul_(50.0)
+    path = write(pred, tmp_path / "p.safetensors")
+    spec = f"{ARCH_POLICY[arch]}:predictor={path}"  # k from the predictor
+    batch = run(tiny, images, prompts, spec, mode)
+    for i in range(3):
+        alone = run(tiny, images[i:i + 1], prompts[i:i + 1], spec, mode, n=1)[0]
+        assert batch[i].token_ids == alone.token_ids
+        assert [e["kept"] for e in batch[i].trace] == [e["kept"] for e in alone.trace]
+    rates = {e["rate"][0] for r in batch for e in r.trace}
+    assert len(rates) > 1, rates  # the rate really is dynamic here
+    beams = run(tiny, images, prompts, spec, mode, num_beams=2)
+    assert all(len(r.token_ids) > 0 for r in beams)
+
+
+def test_spec_and_static_tokens(tiny, tmp_path):
+    path = write(forced(tiny[0], "mlp", 2), tmp_path / "p.safetensors")
+    pol = parse_policy(f"dyrate:predictor={path}")
+    assert pol.k == K and pol.spec() == f"dyrate:k={K},predictor={path}"
+    assert pol.static_image_tokens(16, 4) is None and pol.decode_probe
+
+
+def test_refuses_foreign_predictors(tiny, images, prompts, tmp_path):
+    model = tiny[0]
+    # another K, another B, the wrong arch
+    path = write(forced(model, "mlp", 1), tmp_path / "p.safetensors")
+    with pytest.raises(PolicySpecError, match="trained for k=2"):
+        parse_policy(f"dyrate:k=3,predictor={path}")
+    with pytest.raises(PolicySpecError, match="10 rate bins, not 8"):
+        check_predictor(model, load_predictor(path), bins=8)
+    with pytest.raises(PolicySpecError, match="use dyrate\\b"):
+        parse_policy(f"dyrate-rnn:predictor={path}")
+    # another model: deeper decoder (validate) and other widths (fingerprint)
+    deeper, _ = tiny_model(seed=0, n_layers=6)
+    other = write(forced(deeper, "mlp", 1), tmp_path / "deep.safetensors")
+    with pytest.raises(PolicySpecError, match="6-layer decoder"):
+        run(tiny, images, prompts, f"dyrate:predictor={other}")
+    wider, _ = tiny_model(seed=0, hidden=32)
+    with pytest.raises(CheckpointError, match="another model: hidden_size=32"):
+        check_predictor(model, load_predictor(write(forced(wider, "mlp", 1), tmp_path / "w.safetensors")))
+    check_predictor(model, load_predictor(path), k=K, bins=10)  # the right one passes
+    # another image-token count (same decoder): caught at the first decision
+    bigger, _ = tiny_model(seed=0, image_size=40)
+    other = write(forced(bigger, "mlp", 1), tmp_path / "img.safetensors")
+    with pytest.raises(PolicySpecError, match="25 image tokens"):
+        run(tiny, images, prompts, f"dyrate:predictor={other}")
+
+
+def test_refuses_non_safetensors(tmp_path):
+    pt = tmp_path / "p.pt"
+    torch.save({"x": torch.zeros(1)}, pt)
+    with pytest.raises(CheckpointError, match="must be a .safetensors file"):
+        parse_policy(f"dyrate:predictor={pt}")
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(pt.read_bytes())  # a pickle renamed
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        parse_policy(f"dyrate:predictor={fake}")
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bare))
+    with pytest.raises(CheckpointError, match="without dyrate predictor metadata"):
+        parse_policy(f"dyrate:predictor={bare}")
+    with pytest.raises(CheckpointError, match="no such predictor file"):
+        parse_policy(f"dyrate:predictor={tmp_path / 'missing.safetensors'}")
+    with pytest.raises(PolicySpecError, match="predictor=FILE is required"):
+        parse_policy("dyrate:k=2")
+
+
+def test_cli_generate_errors(tiny_dir, images, tmp_path, capsys):
+    img = tmp_path / "img.png"
+    images[0].save(img)
+    pt = tmp_path / "p.pt"
+    torch.save({"x": torch.zeros(1)}, pt)
+    deeper, _ = tiny_model(seed=0, n_layers=6)
+    other = write(forced(deeper, "mlp", 1), tmp_path / "deep.safetensors")
+    for spec in [f"dyrate:predictor={pt}", f"dyrate:predictor={other}", "dyrate-rnn:k=2"]:
+        rc = main(["generate", "--model", str(tiny_dir), "--image", str(img), "--prompt", "Hi", "--policy", spec])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("dyrate generate: error:"), err
+    path = write(forced(tiny_model(seed=0)[0], "gru", 2), tmp_path / "ok.safetensors")
+    rc = main(["generate", "--model", str(tiny_dir), "--image", str(img), "--prompt", "Hi", "--json",
+               "--policy", f"dyrate-rnn:predictor={path}", "--max-new-tokens", "4"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out  # the JSON parses

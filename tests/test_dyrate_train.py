@@ -1,0 +1,154 @@
+"""Training of rate predictors: the soft-masked teacher-forced pass is the engine's mask mode when the
+bin probabilities are one-hot, gradients reach the predictor, a few steps lower the loss, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dyrate.adapters import adapter_for
+from dyrate.api import build_prompt
+from dyrate.cli import main
+from dyrate.engine import Engine
+from dyrate.policies import parse_policy
+from dyrate.predictor import load_predictor, new_predictor
+from dyrate.soft_mask import mask_bank
+from dyrate.train_predictor import (
+    TrainConfig,
+    evaluate,
+    frozen,
+    greedy_responses,
+    gumbel_softmax,
+    prepare,
+    pruned_logprobs,
+    sequence_loss,
+    shares_of,
+    train,
+)
+
+K = 2
+
+
+@pytest.fixture(scope="module")
+def cached(tiny, images, prompts):
+    model, processor = tiny
+    responses = greedy_responses(model, processor, images, prompts, max_new_tokens=8)
+    return [prepare(model, processor, im, pr, resp, K) for im, pr, resp in zip(images, prompts, responses)]
+
+
+def engine_forced(model, processor, image, prompt, response, spec, mode):
+    """The engine's log-probabilities along a teacher-forced response."""
+    engine = Engine(adapter_for(model), parse_policy(spec), mode)
+    batch = processor(images=[image], text=[build_prompt(processor, prompt)], return_tensors="pt")
+    with torch.inference_mode():
+        logits, state = engine.prefill(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        out = [logits.log_softmax(-1)]
+        for tok in response[:-1]:
+            out.append(engine.decode(state, torch.tensor([tok])).log_softmax(-1))
+    return torch.cat(out), state
+
+
+@pytest.mark.parametrize("bin_", [0, 4, 9])
+def test_one_hot_soft_mask_is_engine_mask_mode(tiny, images, prompts, cached, bin_):
+    model, processor = tiny
+    for c, image, prompt in zip(cached, images, prompts):
+        p = torch.nn.functional.one_hot(torch.full((c.n_steps,), bin_), 10).float()
+        with torch.no_grad():
+            ours = pruned_logprobs(model, c, p, mask_bank(10, len(c.img_cols)), K, eps=0.0)
+        ref, state = engine_forced(model, processor, image, prompt, c.response, f"fixed:k={K},r={bin_ / 10}", "mask")
+        torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+        shares = torch.stack([r["shares"][0, 0] for r in state.records])  # (T, 4)
+        torch.testing.assert_close(shares_of(c), shares, atol=1e-5, rtol=1e-4)
+    if bin_ == 0:  # bin 0 is the full model itself
+        for c in cached:
+            p = torch.nn.functional.one_hot(torch.zeros(c.n_steps, dtype=torch.long), 10).float()
+            with torch.no_grad():
+                torch.testing.assert_close(pruned_logprobs(model, c, p, mask_bank(10, 16), K, 0.0), c.teacher,
+                                           atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "gru"])
+def test_gradient_reaches_predictor(tiny, cached, arch):
+    model = tiny[0]
+    cfg = TrainConfig(arch=arch, k=K, history=3, lam=0.5)
+    pred = new_predictor(arch, k=K, history=3, model=model)
+    with frozen(model):
+        loss, info = sequence_loss(model, pred, cached[1], cfg, tau=0.7, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+    grads = [p.grad for p in pred.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert 0 < info["keep"] <= 1 and info["kl"] >= 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_gumbel_softmax():
+    logits = torch.tensor([[0.0, 5.0, 0.0]])
+    assert gumbel_softmax(logits, 1.0, None).argmax().item() == 1
+    p = gumbel_softmax(logits, 0.5, torch.Generator().manual_seed(0))
+    assert p.shape == (1, 3) and abs(float(p.sum()) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("arch,budget", [("mlp", False), ("gru", True)])
+def test_training_lowers_loss_and_resumes(tiny, images, prompts, tmp_path, arch, budget):
+    model, processor = tiny
+    kw = {"target_keep": 0.3, "lam": None} if budget else {"lam": 1.0}
+    cfg = TrainConfig(arch=arch, k=K, steps=30, batch=3, lr=1e-2, history=3, hidden=16, **kw)
+    out = tmp_path / "pred.safetensors"
+    half = train(model, processor, images, prompts, cfg, out, max_new_tokens=6, progress=False, stop_after=15)
+    assert half["steps"] == 15 and not half["finished"]
+    full = train(model, processor, images, prompts, cfg, out, max_new_tokens=6, progress=False)
+    assert full["steps"] == 30 and full["finished"]
+    # noise-free loss before vs after training, on the training sequences
+    responses = greedy_responses(model, processor, images, prompts, 6)
+    cache = [prepare(model, processor, im, pr, r, K) for im, pr, r in zip(images, prompts, responses)]
+    before = evaluate(model, new_predictor(arch, cfg.bins, K, cfg.features, 3, 16, model, cfg.seed), cache, cfg)
+    trained = load_predictor(out)
+    after = evaluate(model, trained, cache, cfg)
+    assert after["loss"] < before["loss"], (before, after)
+    # a resumed run equals an uninterrupted one
+    other = tmp_path / "straight.safetensors"
+    train(model, processor, images, prompts, cfg, other, max_new_tokens=6, progress=False)
+    straight = load_predictor(other)
+    for a, b in zip(trained.state_dict().values(), straight.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    # the trained file runs as a policy
+    name = "dyrate" if arch == "mlp" else "dyrate-rnn"
+    import dyrate
+
+    res = dyrate.generate(model, processor, images[:2], prompts[:2], policy=f"{name}:predictor={out}", max_new_tokens=4)
+    assert all(r.trace[0]["rate"][0] is not None for r in res)
+
+
+def test_cli_train_predictor(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    rc = main(["train-predictor", "--model", str(tiny_dir), "--testbed", "--samples", "3", "--arch", "mlp",
+               "--lambda", "0.5", "--out", str(out), "--steps", "3", "--batch", "2", "--max-new-tokens", "4",
+               "--no-progress", "--json"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 3 and out.is_file()
+    for args in (["--arch", "mlp", "--lambda", "1", "--out", str(tmp_path / "x.pt")],
+                 ["--arch", "gru", "--target-keep", "1.5", "--out", str(out)],
+                 ["--arch", "mlp", "--lambda", "1", "--k", "9", "--out", str(tmp_path / "y.safetensors")],
+                 ["--arch", "mlp", "--lambda", "1", "--k", "3", "--out", str(out)]):  # state for other settings
+        rc = main(["train-predictor", "--model", str(tiny_dir), "--testbed", "--samples", "2", "--steps", "4",
+                   "--no-progress", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("dyrate train-predictor: error:"), err
+
+
+def test_folder_samples(tmp_path, images):
+    from dyrate.errors import InputError
+    from dyrate.train_predictor import folder_samples
+
+    (tmp_path / "images").mkdir()
+    images[0].save(tmp_path / "images" / "a.png")
+    rows = [{"question_id": 1, "image": "a.png", "question": "what colour?", "answers": ["red"]}]
+    (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ims, qs = folder_samples(tmp_path, 5)
+    assert qs == ["what colour?"] and ims[0].name == "a.png"
+    with pytest.raises(InputError):
+        folder_samples(tmp_path / "images", 5)
