@@ -118,10 +118,13 @@ def test_refuses_foreign_predictors(tiny, images, prompts, tmp_path):
     with pytest.raises(CheckpointError, match="another model: hidden_size=32"):
         check_predictor(model, load_predictor(write(forced(wider, "mlp", 1), tmp_path / "w.safetensors")))
     check_predictor(model, load_predictor(path), k=K, bins=10)  # the right one passes
-    # another image-token count (same decoder): caught at the first decision
+    # same depth, other widths: the engine checks the fingerprint before generating
+    with pytest.raises(CheckpointError, match="another model: hidden_size=32"):
+        run(tiny, images, prompts, f"dyrate:predictor={tmp_path / 'w.safetensors'}")
+    # another image-token count (same decoder): caught by the fingerprint too
     bigger, _ = tiny_model(seed=0, image_size=40)
     other = write(forced(bigger, "mlp", 1), tmp_path / "img.safetensors")
-    with pytest.raises(PolicySpecError, match="25 image tokens"):
+    with pytest.raises(CheckpointError, match="n_img=25"):
         run(tiny, images, prompts, f"dyrate:predictor={other}")
 
 

@@ -94,6 +94,7 @@ class Engine:
         if mode not in MODES:
             raise InputError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         policy.validate(adapter.n_layers)
+        policy.check_model(adapter.model)
         self.adapter, self.policy, self.mode = adapter, policy, mode
         self.stages = policy.stages  # first layer of each pruning stage
         bounds = [0, *self.stages, adapter.n_layers]

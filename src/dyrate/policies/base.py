@@ -88,6 +88,10 @@ class Policy(abc.ABC):
                     f"{self.spec()}: layer k={k} must be < the decoder's {n_layers} layers"
                 )
 
+    def check_model(self, model) -> None:
+        """Raise PolicySpecError / CheckpointError if the policy was built for another model (e.g. a
+        learned predictor trained on another checkpoint). Called once by the engine. Default: no check."""
+
     def init_state(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
         return {}
 

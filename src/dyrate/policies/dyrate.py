@@ -5,9 +5,8 @@ current share vector; `dyrate-rnn` (dyrate_rnn.py) a GRU over the last N share v
 
 The predictor file (see `dyrate.predictor`) is read when the policy is built. Checks: its arch, its
 probe layer K (k= may be left out: the predictor's own K is used), `validate(n_layers)` against the
-decoder depth it was trained for, and at the first decision the image-token count. The full model
-fingerprint (decoder shape hash) needs the model: `dyrate.predictor.check_predictor(model, policy.model)`
-(called by `dyrate train-predictor`; the engine only calls `validate`).
+decoder depth it was trained for, and the full model fingerprint (decoder shape and image-token
+count) through `check_model`, which the engine calls with the model before generating.
 """
 
 from __future__ import annotations
@@ -66,6 +65,11 @@ class DyRate(Policy):
                 f"{self.spec()}: the predictor was trained for a {fp['num_hidden_layers']}-layer decoder, "
                 f"this one has {n_layers}"
             )
+
+    def check_model(self, model) -> None:
+        from ..predictor import check_predictor
+
+        check_predictor(model, self.model, k=self.k, name=f"predictor {self.predictor or '(given)'}")
 
     def init_state(self, batch: int, device) -> dict[str, torch.Tensor]:
         return self.model.init_state(batch, device)
