@@ -16,6 +16,7 @@ import torch
 from .adapters import adapter_for
 from .api import build_prompt, read_image
 from .engine import Engine
+from .generation import forced_logprobs
 from .errors import InputError
 from .policies import parse_policy
 
@@ -27,17 +28,6 @@ class FindKResult:
     kl: dict[int, float]  # mean KL per candidate layer
     samples: int
     tokens: int  # answer tokens the means run over
-
-
-@torch.inference_mode()
-def _forced_logprobs(engine: Engine, ids, mask, pixels, answer: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (T, V) of the next token at every answer position, teacher-forced."""
-    logits, state = engine.prefill(ids, mask, pixels)
-    out = [logits.log_softmax(-1)]
-    for tok in answer[:-1]:
-        logits = engine.decode(state, tok.view(1))
-        out.append(logits.log_softmax(-1))
-    return torch.cat(out, dim=0)
 
 
 def find_k(model, processor, images, prompts, eta: float = 0.003, max_new_tokens: int = 16,
@@ -73,9 +63,11 @@ def find_k(model, processor, images, prompts, eta: float = 0.003, max_new_tokens
                     break
                 logits = full.decode(state, tok)
         answer_t = torch.tensor(answer, device=device)
-        ref = _forced_logprobs(full, ids, mask, pixels, answer_t)  # (T, V)
+        with torch.inference_mode():
+            ref = forced_logprobs(full, ids, mask, pixels, answer_t)  # (T, V)
         for k, engine in withdrawn.items():
-            logp = _forced_logprobs(engine, ids, mask, pixels, answer_t)
+            with torch.inference_mode():
+                logp = forced_logprobs(engine, ids, mask, pixels, answer_t)
             kl = (ref.exp() * (ref - logp)).sum(-1)  # (T,) KL(full || withdrawn)
             sums[k] += float(kl.sum())
             if progress:

@@ -173,3 +173,15 @@ def _beam_search(engine, input_ids, attention_mask, pixel_values, opts, eos, pad
         n = sum(1 for r in rows[i] if r >= 0)
         outputs.append(RowOutput(tokens[i][:n], rows[i][:n]))
     return outputs, state
+
+
+def forced_logprobs(engine: Engine, input_ids, attention_mask, pixel_values, tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing under the engine's policy, one row: the prefill prunes as in generation, then
+    each of `tokens` (T,) is fed as a decode step. Returns the next-token log-probabilities (T, V)
+    at every position of `tokens` (row t predicts tokens[t])."""
+    logits, state = engine.prefill(input_ids, attention_mask, pixel_values)
+    out = [logits.log_softmax(-1)]
+    for tok in tokens[:-1]:
+        logits = engine.decode(state, tok.view(1))
+        out.append(logits.log_softmax(-1))
+    return torch.cat(out, dim=0)  # (T, V)

@@ -37,6 +37,7 @@ from .adapters import adapter_for
 from .api import IMAGE_PLACEHOLDER, build_prompt, generate, load, read_image
 from .engine import Engine
 from .errors import InputError
+from .generation import forced_logprobs
 from .policies import parse_policy
 
 MODEL_ID = "dyrate_llava"
@@ -322,14 +323,9 @@ class DyrateLlava(lmms):
         ids = full_ids[None, :common].to(self._device)
         mask = torch.ones_like(ids)
         pixels = full["pixel_values"].to(self._device)
-        logits, state = self.engine.prefill(ids, mask, pixels)
-        total, greedy = 0.0, True
-        for j, tok in enumerate(cont):
-            logp = logits.float().log_softmax(-1)[0]
-            total += float(logp[tok])
-            greedy &= int(logp.argmax()) == int(tok)
-            if j + 1 < len(cont):
-                logits = self.engine.decode(state, tok.view(1))
+        logp = forced_logprobs(self.engine, ids, mask, pixels, cont)  # (T, V)
+        total = float(logp.gather(1, cont[:, None]).sum())
+        greedy = bool((logp.argmax(-1) == cont).all())
         return total, greedy, len(cont)
 
 
