@@ -9,7 +9,6 @@ by an empty background, the "is the model looking at the image?" check.
 
 from __future__ import annotations
 
-import shutil
 from collections import defaultdict
 from dataclasses import replace
 
@@ -41,17 +40,14 @@ def _first_word(text: str) -> str:
 
 
 def cider(candidates: dict[int, str], references: dict[int, list[str]]) -> float | None:
-    """Corpus CIDEr-D of a whole set in one call (PTB tokenizer; needs Java). None without Java."""
-    if shutil.which("java") is None:
-        return None
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    """Corpus CIDEr-D of a whole set in one call (the eval harness's pycocoevalcap scoring; needs
+    Java). None without Java."""
+    from ..evaluation.metrics import JavaMissing, caption_metrics
 
-    tok = PTBTokenizer()
-    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
-    res = tok.tokenize({k: [{"caption": candidates[k]}] for k in references})
-    score, _ = Cider().compute_score(gts, res)
-    return float(score)
+    try:
+        return float(caption_metrics(candidates, references)["CIDEr"])
+    except JavaMissing:
+        return None
 
 
 def evaluate(model, processor, seed: int = 1, n: int = 100, blank: bool = False, batch_size: int = 32, with_cider: bool = True) -> dict:
