@@ -175,3 +175,15 @@ def test_cli_bad_input(tiny_dir, image_path, tmp_path, capsys, args):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
     assert len(err) == 1 and err[0].startswith("dyrate generate: error:"), err
+
+
+def test_demo_runs_on_a_given_model(tmp_path, tiny_dir, capsys):
+    rc = main(["demo", "--model", str(tiny_dir), "--policies", "none;fastv:k=2,r=0.5;random:k=2,r=0.75",
+               "--max-new-tokens", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "truth" in out and "fastv:k=2,r=0.5" in out and "random:k=2,r=0.75,seed=0" in out
+    assert (tmp_path / "scene-0.png").is_file()
+    assert main(["demo", "--model", str(tiny_dir), "--scene", "-1"]) == 2
+    assert "--scene must be >= 0" in capsys.readouterr().err
+    assert main(["demo", "--model", str(tiny_dir), "--policies", "fastv:k=9"]) == 2

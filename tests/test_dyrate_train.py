@@ -23,12 +23,14 @@ from dyrate.train_predictor import (
     gumbel_softmax,
     prepare,
     pruned_logprobs,
+    reference_responses,
     sequence_loss,
     shares_of,
     train,
 )
 
 K = 2
+ANSWERS = ["a red square", "two blue circles and a green triangle", "yes"]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +82,76 @@ def test_gradient_reaches_predictor(tiny, cached, arch):
     grads = [p.grad for p in pred.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
-    assert 0 < info["keep"] <= 1 and info["kl"] >= 0
+    assert 0 < info["keep"] <= 1 and info["kl"] >= 0 and info["fit"] == info["kl"]
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def ce_cached(tiny, images, prompts):
+    model, processor = tiny
+    responses = reference_responses(model, processor, ANSWERS)
+    return [prepare(model, processor, im, pr, resp, K) for im, pr, resp in zip(images, prompts, responses)]
+
+
+def test_reference_responses(tiny):
+    model, processor = tiny
+    tok = processor.tokenizer
+    for answer, resp in zip(ANSWERS, reference_responses(model, processor, ANSWERS)):
+        assert resp == tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_ce_at_bin_0_is_the_plain_models_ce(tiny, images, prompts, ce_cached):
+    """A predictor sure of bin 0 keeps everything: the ce fit is the unpruned model's teacher-forced CE."""
+    model, processor = tiny
+    cfg = TrainConfig(k=K, lam=0.5, objective="ce", eps=0.0)
+    pred = new_predictor("mlp", k=K, model=model)
+    with torch.no_grad():  # constant logits: bin 0 by a margin that makes the softmax exactly one-hot
+        pred.net[-1].weight.zero_()
+        pred.net[-1].bias.copy_(torch.tensor([1e4] + [0.0] * 9))
+    for c, image, prompt in zip(ce_cached, images, prompts):
+        batch = processor(images=[image], text=[build_prompt(processor, prompt)], return_tensors="pt")
+        ids = torch.cat([batch["input_ids"], torch.tensor([c.response])], dim=1)  # (1, P + T)
+        with torch.no_grad():
+            _, info = sequence_loss(model, pred, c, cfg, tau=1.0, generator=None)
+            logits = model(input_ids=ids, pixel_values=batch["pixel_values"]).logits[0]  # (P + T, V)
+        n_prompt = batch["input_ids"].shape[1]
+        logp = logits[n_prompt - 1:-1].float().log_softmax(-1)  # (T, V): the steps predicting the response
+        ce = -logp.gather(1, torch.tensor(c.response)[:, None]).mean()
+        assert info["fit"] == pytest.approx(float(ce), abs=2e-4)
+        assert info["kl"] == pytest.approx(0.0, abs=1e-4)  # bin 0 is the full model
+        assert info["keep"] == pytest.approx(1.0) and info["loss"] == pytest.approx(info["fit"] + 0.5)
+
+
+def test_ce_gradient_reaches_predictor(tiny, ce_cached):
+    model = tiny[0]
+    cfg = TrainConfig(arch="gru", k=K, history=3, lam=0.5, objective="ce")
+    pred = new_predictor("gru", k=K, history=3, model=model)
+    with frozen(model):
+        loss, info = sequence_loss(model, pred, ce_cached[1], cfg, tau=0.7, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+    grads = [p.grad for p in pred.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert info["fit"] > 0 and info["kl"] >= 0 and info["fit"] != info["kl"]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_ce_training_and_objective_mismatch(tiny, images, prompts, tmp_path):
+    from dyrate.errors import CheckpointError, InputError
+
+    model, processor = tiny
+    cfg = TrainConfig(arch="mlp", k=K, steps=2, batch=2, hidden=8, lam=0.5, objective="ce")
+    out = tmp_path / "ce.safetensors"
+    with pytest.raises(InputError, match="ce objective needs reference answers"):
+        train(model, processor, images, prompts, cfg, out, progress=False)
+    summary = train(model, processor, images, prompts, cfg, out, progress=False, answers=ANSWERS)
+    assert summary["finished"] and out.is_file() and load_predictor(out).bins == 10
+    assert set(summary["last"]) == {"step", "tau", "loss", "fit", "kl", "keep"}
+    kl_cfg = TrainConfig(arch="mlp", k=K, steps=4, batch=2, hidden=8, lam=0.5, objective="kl")
+    with pytest.raises(CheckpointError, match="objective=ce"):
+        train(model, processor, images, prompts, kl_cfg, out, max_new_tokens=4, progress=False)
+    with pytest.raises(InputError, match="objective"):
+        TrainConfig(lam=0.5, objective="x")
 
 
 def test_gumbel_softmax():
@@ -130,6 +200,12 @@ def test_cli_train_predictor(tiny_dir, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 3 and out.is_file()
+    ce_out = tmp_path / "ce.safetensors"
+    rc = main(["train-predictor", "--model", str(tiny_dir), "--testbed", "--samples", "3", "--arch", "mlp",
+               "--lambda", "0.5", "--objective", "ce", "--out", str(ce_out), "--steps", "2", "--batch", "2",
+               "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and ce_out.is_file() and "(CE " in printed, printed
     for args in (["--arch", "mlp", "--lambda", "1", "--out", str(tmp_path / "x.pt")],
                  ["--arch", "gru", "--target-keep", "1.5", "--out", str(out)],
                  ["--arch", "mlp", "--lambda", "1", "--k", "9", "--out", str(tmp_path / "y.safetensors")],
@@ -138,6 +214,10 @@ def test_cli_train_predictor(tiny_dir, tmp_path, capsys):
                    "--no-progress", *args])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("dyrate train-predictor: error:"), err
+    with pytest.raises(SystemExit) as exc:  # argparse choices
+        main(["train-predictor", "--model", str(tiny_dir), "--testbed", "--arch", "mlp", "--lambda", "1",
+              "--objective", "x", "--out", str(out)])
+    assert exc.value.code == 2 and "invalid choice: 'x'" in capsys.readouterr().err
 
 
 def test_folder_samples(tmp_path, images):
@@ -146,9 +226,27 @@ def test_folder_samples(tmp_path, images):
 
     (tmp_path / "images").mkdir()
     images[0].save(tmp_path / "images" / "a.png")
-    rows = [{"question_id": 1, "image": "a.png", "question": "what colour?", "answers": ["red"]}]
+    rows = [{"question_id": 1, "image": "a.png", "question": "what colour?", "answers": ["red", "crimson"]}]
     (tmp_path / "vqa.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    ims, qs = folder_samples(tmp_path, 5)
-    assert qs == ["what colour?"] and ims[0].name == "a.png"
+    pope = [{"question_id": 2, "image": "a.png", "question": "is there a cat?", "label": "no"}]
+    (tmp_path / "pope_random.jsonl").write_text("\n".join(json.dumps(r) for r in pope) + "\n")
+    captions = {"images": [{"id": 3, "file_name": "a.png"}],
+                "annotations": [{"image_id": 3, "caption": "a noisy square."}, {"image_id": 3, "caption": "noise."}]}
+    (tmp_path / "captions.json").write_text(json.dumps(captions))
+    ims, qs, answers = folder_samples(tmp_path, 5)
+    assert qs == ["what colour?", "is there a cat?", "describe the image."] and ims[0].name == "a.png"
+    assert answers == ["red", "no", "a noisy square."]
+    assert folder_samples(tmp_path, 2)[2] == ["red", "no"]
     with pytest.raises(InputError):
         folder_samples(tmp_path / "images", 5)
+
+
+def test_testbed_samples_answers(tiny):
+    from dyrate.testbed.data import sample_example, train_scene_seed
+    from dyrate.train_predictor import testbed_samples
+
+    ims, qs, answers = testbed_samples(tiny[0], 3, seed=1)
+    assert len(ims) == len(qs) == len(answers) == 3
+    for i, (q, a) in enumerate(zip(qs, answers)):
+        ex = sample_example(train_scene_seed(101, 0, 1, i))
+        assert (q, a) == (ex.question, ex.answer) and a

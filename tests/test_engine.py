@@ -202,3 +202,22 @@ def test_trace_contents(tiny, images, prompts):
     assert res.retained == pytest.approx(0.5)
     for conv in ("prefill", "cached", "nocache"):
         assert 0 < res.flops[conv]["ratio"] < 1
+
+
+# ---------------------------------------------------------------- random pruning (the control)
+def test_random_pruning_keeps_the_seeded_draw(tiny, images, prompts):
+    """random:k,r,seed keeps the image tokens with the highest seeded uniform draws, not the
+    most attended ones; the kept set is fixed after prefill."""
+    model, processor = tiny
+    batch = batch_inputs(processor, images[:1], prompts[:1])
+    ids = batch["input_ids"][0]
+    img_cols = [c for c, t in enumerate(ids.tolist()) if t == model.config.image_token_id]
+    for seed in (0, 1):
+        _, outs, state = run_engine(model, batch, f"random:k=2,r=0.75,seed={seed}", max_new_tokens=4)
+        draws = torch.rand((1, len(ids)), generator=torch.Generator().manual_seed(seed))[0]
+        top = sorted(img_cols, key=lambda c: -float(draws[c]))[: len(img_cols) // 4]
+        assert kept_columns(state, 1) == sorted(top), seed
+    fastv_state = run_engine(model, batch, "fastv:k=2,r=0.75", max_new_tokens=4)[2]
+    assert kept_columns(fastv_state, 1) != kept_columns(state, 1)
+    with pytest.raises(Exception, match="r=1.5"):
+        parse_policy("random:r=1.5")

@@ -490,3 +490,26 @@ def test_accelerate_two_processes_equal_one(tmp_path, tiny_dir, data_dir):
     strip = lambda s: [{k: v for k, v in p.items() if k != "latency_s"} for p in s["policies"]]  # noqa: E731
     assert strip(s1) == strip(s2)
     assert not list((tmp_path / "two").glob("samples.rank*"))
+
+
+def test_cli_decoding_options(tmp_path, tiny_dir, tiny, data_dir, capsys):
+    """--num-beams / --do-sample reach generate: the predictions equal dyrate.generate with the same
+    options; sampling flags without --do-sample are refused with one line."""
+    from dyrate.api import generate, read_image
+
+    base = ["eval", "--model", str(tiny_dir), "--task", "vqa", "--data", str(data_dir / "vqa.jsonl"),
+            "--policies", "fastv:k=2,r=0.5", "--limit", "2", "--max-new-tokens", "4", "--quiet"]
+    model, processor = tiny
+    rows = load_dataset("vqa", data_dir / "vqa.jsonl", limit=2).rows
+    for flags, opts in ((["--num-beams", "2"], dict(num_beams=2)),
+                        (["--do-sample", "--top-p", "0.8", "--seed", "5"], dict(do_sample=True, top_p=0.8, seed=5))):
+        out = tmp_path / flags[0].strip("-")
+        assert main([*base, *flags, "--out", str(out)]) == 0
+        got = {r["id"]: r["prediction"] for r in _rows(out)}
+        want = generate(model, processor, [read_image(r.image) for r in rows], [r.question for r in rows],
+                        policy="fastv:k=2,r=0.5", max_new_tokens=4, **opts)
+        assert got == {r.id: w.text for r, w in zip(rows, want)}
+        assert json.loads((out / "summary.json").read_text())["decoding"] == {**({"seed": 0} if "do_sample" in opts else {}), **opts}
+    capsys.readouterr()
+    assert main([*base, "--top-p", "0.8", "--out", str(tmp_path / "bad")]) == 2
+    assert "--top-p needs --do-sample" in capsys.readouterr().err

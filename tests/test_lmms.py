@@ -67,10 +67,23 @@ def test_policy_args(tiny_dir):
     assert policy_from_arg("schedule:2=0.5|3=0.75") == "schedule:2=0.5,3=0.75"
     with pytest.raises(InputError, match="';' or '\\|'"):  # what `policy=fastv:k=2,r=0.5` unquoted turns into
         DyrateLlava.create_from_arg_string(f"pretrained={tiny_dir},policy=fastv:k=2,r=0.5")
-    with pytest.raises(InputError, match="no learned"):
-        DyrateLlava(pretrained=str(tiny_dir), predictor="pred.pt")
+    with pytest.raises(InputError, match="needs policy=dyrate"):
+        DyrateLlava(pretrained=str(tiny_dir), predictor="pred.safetensors")
     lm = DyrateLlava.create_from_arg_string(f"pretrained={tiny_dir},policy=fastv:k=2|r=0.5,mode=mask", {"device": "cpu"})
     assert lm.policy.spec() == POLICY and lm.mode == "mask"
+
+
+def test_predictor_arg(tiny_dir, tmp_path):
+    """predictor=FILE completes a dyrate / dyrate-rnn spec (the engine then checks the file)."""
+    from dyrate.api import load
+    from dyrate.predictor import new_predictor, save_predictor
+
+    model, _ = load(tiny_dir)
+    path = save_predictor(new_predictor("mlp", k=2, model=model), tmp_path / "mlp.safetensors")
+    lm = DyrateLlava(pretrained=str(tiny_dir), policy="dyrate:k=2", predictor=str(path), device="cpu")
+    assert lm.policy.spec().startswith("dyrate:k=2") and "mlp.safetensors" in lm.policy.spec()
+    lm = DyrateLlava(pretrained=str(tiny_dir), policy="dyrate", predictor=str(path), device="cpu")
+    assert "mlp.safetensors" in lm.policy.spec()
 
 
 def test_gen_kwargs():

@@ -45,7 +45,11 @@ def test_patch_labels_match_objects():
     s = sample_scene(3)
     _, labels = render(s, 96, with_labels=True)
     t = patch_labels(s, labels, 8)
-    assert t.shape == (144, 3)
+    assert t.shape == (144, 4)
     assert (t == 0).all(1).mean() > 0.5  # most patches are background
-    for k in range(3):
+    for k in range(4):
         assert t[:, k].max() >= 1
+    # every labelled patch lies in its object's grid cell (rows/cols of 12 patches, 4 per cell)
+    for p in np.flatnonzero(t[:, 3]):
+        row, col = divmod(p, 12)
+        assert t[p, 3] - 1 == (row // 4) * 3 + col // 4

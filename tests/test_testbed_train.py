@@ -26,7 +26,7 @@ def test_manual_forward_equals_model_forward():
     model.eval()
     batch = BatchBuilder(proc, "tiny").build([11, 12, 13])
     with torch.no_grad():
-        logits, feats = forward_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        logits, feats, _ = forward_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
         ref = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]).logits
     assert feats.shape == (3, 16, 32)
     assert torch.allclose(logits, ref, atol=1e-5)
@@ -140,8 +140,57 @@ def test_lm_loss_is_mean_over_examples():
     batch = BatchBuilder(proc, "tiny").build([21, 22, 23, 24])
     with torch.no_grad():
         _, parts = compute_loss(model, aux, batch, aux_weight=0.0)
-        logits, _ = forward_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        logits, _, _ = forward_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     per_example = [
         F.cross_entropy(logits[b, :-1], batch["labels"][b, 1:], ignore_index=-100).item() for b in range(4)
     ]
     assert parts["lm"] == pytest.approx(sum(per_example) / 4, rel=1e-5)
+
+
+def test_image_token_dropout_forward():
+    """No hidden column: the layer-by-layer decoder equals the model's forward. Hidden columns
+    change only the positions after them (causal), and the sampler is a function of (seed, step)."""
+    from dyrate.testbed.train import sample_dropout
+
+    model, _, proc = build_model("tiny", 0)
+    model.eval()
+    batch = BatchBuilder(proc, "tiny").build([11, 12, 13])
+    ids = batch["input_ids"]
+    args3 = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    none_hidden = (torch.ones(3, dtype=torch.long), torch.zeros_like(ids, dtype=torch.bool))
+    is_img = ids == model.config.image_token_id
+    some = is_img & (torch.arange(ids.shape[1]) % 3 == 0)  # every third image column
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]).logits
+        same, _, _ = forward_logits(model, *args3, drop=none_hidden)
+        dropped, _, _ = forward_logits(model, *args3, drop=(torch.ones(3, dtype=torch.long), some))
+    valid = batch["attention_mask"].bool()  # padded positions are never scored
+    assert torch.allclose(same[valid], ref[valid], atol=1e-5)
+    first = int(some[0].nonzero()[0])
+    assert torch.allclose(dropped[0, :first], ref[0, :first], atol=1e-5)
+    assert not torch.allclose(dropped[0, -1], ref[0, -1], atol=1e-4)
+
+    args = tiny_args("unused", drop_prob=0.5, drop_max_rate=0.9)
+    a = sample_dropout(ids.repeat(20, 1), model.config.image_token_id, 2, args, step=3)
+    b = sample_dropout(ids.repeat(20, 1), model.config.image_token_id, 2, args, step=3)
+    c = sample_dropout(ids.repeat(20, 1), model.config.image_token_id, 2, args, step=4)
+    assert torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
+    assert not (a[1] & ~is_img.repeat(20, 1)).any()  # only image columns are hidden
+    assert 0 < a[1].any(1).float().mean() < 1 and (a[0] == 1).all()  # 2 layers: start is layer 1
+    assert sample_dropout(ids, model.config.image_token_id, 2, tiny_args("unused"), step=0) is None  # off by default
+
+
+def test_init_from_earlier_run(tmp_path):
+    from dyrate.testbed.train import init_from
+
+    train(tiny_args(tmp_path / "a"))
+    model, aux, _ = build_model("tiny", 1)  # another seed: different weights before init
+    counts = init_from(tmp_path / "a", model, aux)
+    assert counts["fresh"] == 0 and counts["loaded"] > 0
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "a" / "train_state" / "model.safetensors"))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, saved[f"model.{n}"])
+    with pytest.raises(InputError, match="no train_state"):
+        TrainArgs(config="tiny", out=str(tmp_path / "b"), steps=2, init=str(tmp_path / "missing")).validate()

@@ -26,11 +26,16 @@ from .policies import Policy, parse_policy
 IMAGE_PLACEHOLDER = "<image>"
 
 
-def load(path: str | Path, dtype: torch.dtype | str | None = None, device: str | None = None):
-    """Load a local LLaVA checkpoint directory (config, safetensors weights, tokenizer, processor).
-    Weights are read from safetensors only; no remote code runs. Returns (model, processor)."""
+def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None, device: str | None = None):
+    """Load a local LLaVA checkpoint directory (config, safetensors weights, tokenizer, processor);
+    no path: the testbed model shipped with dyrate. Weights are read from safetensors only; no
+    remote code runs. Returns (model, processor)."""
     from transformers import AutoConfig, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
+    if path is None:
+        from .testbed.shipped import model_dir
+
+        path = model_dir()
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (expected a local HF checkpoint directory)")

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("dyrate.commands.bench", "time, memory and FLOPs of every policy side by side"),
     "findk": ("dyrate.commands.findk", "VTW's withdrawal layer: next-token KL per layer on a few samples"),
     "eval": ("dyrate.commands.eval", "evaluate policies on caption / VQA / POPE data: quality, FLOPs, retained tokens"),
+    "analyze": ("dyrate.commands.analyze", "attention share of sys / img / ins / res against generation step, per layer (PNG + JSON)"),
     "train-predictor": ("dyrate.commands.train_predictor", "train a DyRate rate predictor (MLP or GRU) on a frozen VLM"),
     "testbed": ("dyrate.testbed.cli", "build the testbed: scene data, training and evaluation of the small LLaVA"),
 }

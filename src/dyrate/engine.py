@@ -237,8 +237,10 @@ class Engine:
         record["rate"][:, s - 1] = self.policy.rate(s - 1, probe, k, state.policy_state)
         if current is not None and self.mode == "evict" and bool((k == probe.kept).all()):
             return None  # every row keeps all it still has: nothing to rank or evict
-        # rank the candidates by attention (ties: earlier slot first) and keep the top k of each row
-        order = row.masked_fill(~cand, float("-inf")).sort(dim=1, descending=True, stable=True).indices
+        # rank the candidates by the policy's scores (default: attention; ties: earlier slot
+        # first) and keep the top k of each row
+        ranking = self.policy.scores(s - 1, probe, state.policy_state)  # (B, S_prev)
+        order = ranking.masked_fill(~cand, float("-inf")).sort(dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=row.device).expand_as(order))
         chosen = cand & (rank < k[:, None])  # (B, S_prev)
         c = state.n_cols

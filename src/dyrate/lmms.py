@@ -89,8 +89,8 @@ class SampleStats:
 class DyrateLlava(lmms):
     """A local LLaVA checkpoint run by dyrate's engine under a pruning policy.
 
-    model_args: pretrained (checkpoint directory), policy (spec, default none), mode (evict|mask),
-    predictor (learned-policy predictor path: not available yet), device, dtype, batch_size,
+    model_args: pretrained (checkpoint directory; default: the shipped testbed model), policy (spec,
+    default none), mode (evict|mask), predictor (predictor file of policy=dyrate / dyrate-rnn), device, dtype, batch_size,
     max_new_tokens (used when a task sets none), seed (for sampling tasks), stats_path (JSONL of
     per-sample pruning stats)."""
 
@@ -118,14 +118,14 @@ class DyrateLlava(lmms):
                 f"dyrate_llava: unknown model_args {names}. lmms-eval splits --model_args on commas: "
                 "separate a policy's parameters with ';' or '|' (policy=fastv:k=2|r=0.5)"
             )
-        if not pretrained:
-            raise InputError("dyrate_llava needs pretrained=DIR (a local LLaVA checkpoint directory)")
-        if predictor:
-            raise InputError(
-                f"dyrate_llava: predictor={predictor!r} given, but no learned (predictor) policy exists "
-                "yet; use one of the policies " + ", ".join(sorted(_policy_names()))
-            )
-        self.policy = parse_policy(policy_from_arg(policy))
+        spec = policy_from_arg(policy)
+        if predictor:  # the learned policies take their predictor file as a spec parameter
+            if spec.partition(":")[0].strip().lower() not in ("dyrate", "dyrate-rnn"):
+                raise InputError(
+                    f"dyrate_llava: predictor={predictor!r} needs policy=dyrate or policy=dyrate-rnn, got {spec!r}"
+                )
+            spec = f"{spec}{',' if ':' in spec else ':'}predictor={predictor}"
+        self.policy = parse_policy(spec)
         self.mode = str(mode)
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,9 +141,9 @@ class DyrateLlava(lmms):
         self.max_new_tokens = int(max_new_tokens)
         self.seed = None if seed is None else int(seed)
         self.stats_path = Path(stats_path) if stats_path else None
-        self.pretrained = str(pretrained)
+        self.pretrained = str(pretrained) if pretrained else "builtin"
 
-        self._model, self.processor = load(pretrained, dtype=_dtype(dtype), device=str(self._device))
+        self._model, self.processor = load(pretrained or None, dtype=_dtype(dtype), device=str(self._device))
         self.adapter = adapter_for(self._model)
         self.engine = Engine(self.adapter, self.policy, self.mode)  # validates the policy and the mode
         self.shape = flops_model.DecoderShape.from_config(self._model.config)
@@ -336,8 +336,3 @@ def cut_at(text: str, until) -> str:
             text = text.split(stop, 1)[0]
     return text
 
-
-def _policy_names():
-    from .policies import REGISTRY
-
-    return REGISTRY.keys()

@@ -1,8 +1,9 @@
 """Training a rate predictor with a differentiable rate (DESIGN.md section 2; our objective, see
 docs/dyrate.md: the paper's own loss is not published).
 
-The VLM is frozen; only the predictor learns. Every training sequence is a prompt plus the unpruned
-model's own greedy response (generated once with policy `none`), teacher-forced. For response step
+The VLM is frozen; only the predictor learns. Every training sequence is a prompt plus a response,
+teacher-forced: the unpruned model's own greedy answer (generated once with policy `none`) for the
+`kl` objective, the reference answer (tokenized, plus EOS) for `ce`. For response step
 t (query column P-1+t: the prefill's last prompt token at t=0, then each response token):
 
   probe at layer K-1 (head-averaged attention of that query) -> share vector (sys, img, ins, res)
@@ -15,8 +16,9 @@ Prompt queries use the mask of the last prompt position (the engine's prefill de
 every prompt query); an image token always sees itself (as in the engine). With a one-hot p and
 eps = 0 this is exactly the engine's `mask` mode (tested).
 
-Loss = KL(full || pruned) of the next-token distributions at the response positions, mean over
-positions, plus either `lam * mean_t E[keep_t]` or `budget_weight * (mean_t E[keep_t] - target)^2`,
+Loss = a fit term, mean over the response positions: KL(full || pruned) of the next-token
+distributions (objective `kl`) or the pruned model's cross-entropy on the response tokens (`ce`);
+plus either `lam * mean_t E[keep_t]` or `budget_weight * (mean_t E[keep_t] - target)^2`,
 where E[keep_t] = sum_i p_t,i * keep_i / n_img.
 
 Layers < K, the probe rows and the full model's distributions do not depend on the predictor: they
@@ -50,6 +52,7 @@ from .predictor import (
 from .soft_mask import expected_keep, mask_bank, ranks, soft_mask
 
 STATE_KEY = "dyrate_train"
+OBJECTIVES = ("kl", "ce")
 
 
 @dataclass
@@ -70,9 +73,12 @@ class TrainConfig:
     tau_end: float = 0.1
     eps: float = 1e-6
     seed: int = 0
+    objective: str = "kl"  # fit term: "kl" to the full model on its own answers, or "ce" on reference answers
 
     def __post_init__(self):
         self.features = tuple(self.features)
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if (self.lam is None) == (self.target_keep is None):
             raise InputError("give exactly one of lambda (compute penalty) and target_keep (budget)")
         if self.target_keep is not None and not 0.0 < self.target_keep <= 1.0:
@@ -103,7 +109,7 @@ class Cached:
     groups: torch.Tensor  # (L,) long group of each column
     n_prompt: int  # P
     teacher: torch.Tensor  # (T, V) float32 log-probabilities of the full model
-    response: list[int] = field(default_factory=list)
+    response: list[int] = field(default_factory=list)  # the T response tokens (step t predicts response[t])
 
     @property
     def n_steps(self) -> int:
@@ -198,7 +204,8 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator 
 
 def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, tau: float,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss of one sequence (differentiable w.r.t. the predictor) and its parts."""
+    """Loss of one sequence (differentiable w.r.t. the predictor) and its parts: fit is the term optimised
+    (KL or CE, after cfg.objective), kl the KL to the full model in either case."""
     device = next(predictor.parameters()).device
     n_img = len(c.img_cols)
     bank = mask_bank(cfg.bins, n_img, device)
@@ -208,10 +215,16 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
     logp = pruned_logprobs(model, c, p, bank, cfg.k, cfg.eps)  # (T, V)
     teacher = c.teacher.to(logp.device)
     kl = (teacher.exp() * (teacher - logp)).sum(-1).mean()
+    if cfg.objective == "ce":
+        target = torch.tensor(c.response, device=logp.device)  # (T,)
+        fit = -logp.gather(1, target[:, None]).mean()  # (T, 1) log-probabilities of the targets -> mean
+    else:
+        fit = kl
     keep = expected_keep(p, bank).mean().to(kl.device)
     penalty = cfg.lam * keep if cfg.lam is not None else cfg.budget_weight * (keep - cfg.target_keep) ** 2
-    loss = kl + penalty
-    return loss, {"loss": float(loss.detach()), "kl": float(kl.detach()), "keep": float(keep.detach())}
+    loss = fit + penalty
+    parts = {"loss": loss, "fit": fit, "kl": kl, "keep": keep}
+    return loss, {key: float(v.detach()) for key, v in parts.items()}
 
 
 # ---------------------------------------------------------------- data
@@ -229,23 +242,36 @@ def greedy_responses(model, processor, images, prompts, max_new_tokens: int, bat
     return out
 
 
-def testbed_samples(model, n: int, seed: int = 0) -> tuple[list, list[str]]:
-    """n procedurally generated (image, question) pairs at the model's image size (testbed scenes)."""
+def reference_responses(model, processor, answers: list[str]) -> list[list[int]]:
+    """Reference answers as response token ids: tokenized without special tokens, plus EOS."""
+    tok = getattr(processor, "tokenizer", processor)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else model.generation_config.eos_token_id
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        raise InputError("neither the tokenizer nor the model's generation config names an EOS token")
+    return [tok(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+
+
+def testbed_samples(model, n: int, seed: int = 0) -> tuple[list, list[str], list[str]]:
+    """n procedurally generated (image, question, answer) triples at the model's image size (testbed scenes)."""
     from .testbed.data import sample_example, train_scene_seed
     from .testbed.scenes import render
 
     size = model.config.vision_config.image_size
-    images, prompts = [], []
+    images, prompts, answers = [], [], []
     for i in range(n):
         ex = sample_example(train_scene_seed(100 + seed, 0, 1, i))  # a seed range the VLM's training does not use
         images.append(render(ex.scene, size))
         prompts.append(ex.question)
-    return images, prompts
+        answers.append(ex.answer)
+    return images, prompts, answers
 
 
-def folder_samples(folder: str | Path, n: int) -> tuple[list, list[str]]:
-    """Up to n (image path, question) pairs from a `dyrate testbed data`-style folder: vqa.jsonl,
-    pope_*.jsonl and captions.json, whichever exist (questions first)."""
+def folder_samples(folder: str | Path, n: int) -> tuple[list, list[str], list[str]]:
+    """Up to n (image path, question, answer) triples from a `dyrate testbed data`-style folder: vqa.jsonl,
+    pope_*.jsonl and captions.json, whichever exist (questions first). The answer is the first VQA
+    answer, the POPE label or the first reference caption."""
     from .evaluation.datasets import DEFAULT_CAPTION_PROMPT, load_dataset
 
     folder = Path(folder)
@@ -253,16 +279,17 @@ def folder_samples(folder: str | Path, n: int) -> tuple[list, list[str]]:
         raise InputError(f"--data {str(folder)!r} is not a directory")
     files = [("vqa", folder / "vqa.jsonl"), *[("pope", f) for f in sorted(folder.glob("pope_*.jsonl"))],
              ("caption", folder / "captions.json")]
-    images, prompts = [], []
+    images, prompts, answers = [], [], []
     for task, path in files:
         if not path.is_file() or len(prompts) >= n:
             continue
         for row in load_dataset(task, path, None, n - len(prompts)).rows:
             images.append(row.image)
             prompts.append(row.question or DEFAULT_CAPTION_PROMPT)
+            answers.append(row.label if task == "pope" else row.references[0])
     if not prompts:
         raise InputError(f"--data {str(folder)!r}: no vqa.jsonl, pope_*.jsonl or captions.json rows")
-    return images, prompts
+    return images, prompts, answers
 
 
 # ---------------------------------------------------------------- the loop
@@ -305,7 +332,7 @@ def _load_state(path: Path, predictor: RatePredictor, opt: torch.optim.Optimizer
     if STATE_KEY not in meta:
         raise CheckpointError(f"{path}: not a dyrate training state")
     m = json.loads(meta[STATE_KEY])
-    saved = {k: v for k, v in m["config"].items() if k != "steps"}
+    saved = {"objective": "kl", **{k: v for k, v in m["config"].items() if k != "steps"}}  # states before ce: kl
     here = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "steps"}
     if saved != here:
         diff = ", ".join(f"{k}={saved.get(k)} (now {here[k]})" for k in here if saved.get(k) != here[k])
@@ -322,22 +349,32 @@ def _load_state(path: Path, predictor: RatePredictor, opt: torch.optim.Optimizer
 
 def train(model, processor, images, prompts, cfg: TrainConfig, out: str | Path, max_new_tokens: int = 24,
           save_every: int = 50, progress: bool = True, log: Callable[[str], None] | None = None,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, answers: list[str] | None = None) -> dict:
     """Train a predictor for `model` on (image, prompt) pairs; write it to `out` (.safetensors).
+    The ce objective needs the reference `answers` (one per prompt); kl ignores them.
     Resumes from `out`'s training state file when one exists for the same settings.
     Returns a summary: steps, first and last losses, the file."""
 
     out = Path(out)
     if out.suffix != ".safetensors":
         raise InputError(f"--out {str(out)!r} must end in .safetensors")
+    if len(images) != len(prompts) or not prompts:
+        raise InputError(f"need one image per prompt, got {len(images)} images and {len(prompts)} prompts")
+    out.parent.mkdir(parents=True, exist_ok=True)
     n_layers = model.config.get_text_config().num_hidden_layers
     if not 1 <= cfg.k < n_layers:
         raise InputError(f"k={cfg.k} must lie in 1..{n_layers - 1} for this {n_layers}-layer decoder")
+    if cfg.objective == "ce":
+        if answers is None:
+            raise InputError("the ce objective needs reference answers")
+        if len(answers) != len(prompts):
+            raise InputError(f"{len(answers)} reference answers for {len(prompts)} prompts")
     with frozen(model):
-        return _train(model, processor, images, prompts, cfg, out, max_new_tokens, save_every, progress, log, stop_after)
+        return _train(model, processor, images, prompts, answers, cfg, out, max_new_tokens, save_every, progress, log,
+                      stop_after)
 
 
-def _train(model, processor, images, prompts, cfg, out, max_new_tokens, save_every, progress, log, stop_after):
+def _train(model, processor, images, prompts, answers, cfg, out, max_new_tokens, save_every, progress, log, stop_after):
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -352,7 +389,10 @@ def _train(model, processor, images, prompts, cfg, out, max_new_tokens, save_eve
             log(f"resuming from {spath} at step {start}")
     if start < cfg.steps:
         t0 = time.time()
-        responses = greedy_responses(model, processor, images, prompts, max_new_tokens)
+        if cfg.objective == "ce":
+            responses = reference_responses(model, processor, answers)
+        else:
+            responses = greedy_responses(model, processor, images, prompts, max_new_tokens)
         cache = [prepare(model, processor, im, pr, resp, cfg.k) for im, pr, resp in zip(images, prompts, responses)]
         if log:
             log(f"{len(cache)} teacher-forced sequences, {sum(c.n_steps for c in cache)} response steps "
@@ -364,7 +404,7 @@ def _train(model, processor, images, prompts, cfg, out, max_new_tokens, save_eve
         order = torch.randperm(len(cache), generator=gen)[: cfg.batch].tolist()
         tau = cfg.tau(step)
         opt.zero_grad(set_to_none=True)
-        parts = {"loss": 0.0, "kl": 0.0, "keep": 0.0}
+        parts = {"loss": 0.0, "fit": 0.0, "kl": 0.0, "keep": 0.0}
         for i in order:
             loss, info = sequence_loss(model, predictor, cache[i], cfg, tau, gen)
             (loss / len(order)).backward()
@@ -373,7 +413,9 @@ def _train(model, processor, images, prompts, cfg, out, max_new_tokens, save_eve
         opt.step()
         history.append({"step": step + 1, "tau": round(tau, 4), **{k: round(v, 6) for k, v in parts.items()}})
         bar.update(1)
-        bar.set_postfix(loss=f"{parts['loss']:.4f}", kl=f"{parts['kl']:.4f}", keep=f"{parts['keep']:.3f}", tau=f"{tau:.2f}")
+        # the fit under its objective's name, then the KL (one entry when the objective is kl)
+        shown = {"loss": parts["loss"], cfg.objective: parts["fit"], "kl": parts["kl"]}
+        bar.set_postfix(**{k: f"{v:.4f}" for k, v in shown.items()}, keep=f"{parts['keep']:.3f}", tau=f"{tau:.2f}")
         if (step + 1) % save_every == 0 and step + 1 < end:
             _save_state(spath, predictor, opt, step + 1, cfg, history)
     bar.close()
@@ -388,7 +430,7 @@ def _train(model, processor, images, prompts, cfg, out, max_new_tokens, save_eve
 def evaluate(model, predictor: RatePredictor, cache: list[Cached], cfg: TrainConfig, tau: float | None = None) -> dict:
     """Noise-free loss (softmax at `tau`, default tau_end) averaged over cached sequences."""
     tau = cfg.tau_end if tau is None else tau
-    parts = {"loss": 0.0, "kl": 0.0, "keep": 0.0}
+    parts = {"loss": 0.0, "fit": 0.0, "kl": 0.0, "keep": 0.0}
     for c in cache:
         _, info = sequence_loss(model, predictor, c, cfg, tau, None)
         for key in parts:
@@ -396,5 +438,5 @@ def evaluate(model, predictor: RatePredictor, cache: list[Cached], cfg: TrainCon
     return parts
 
 
-__all__ = ["Cached", "TrainConfig", "evaluate", "folder_samples", "gumbel_softmax", "prepare", "pruned_logprobs",
-           "sequence_loss", "shares_of", "testbed_samples", "train"]
+__all__ = ["OBJECTIVES", "Cached", "TrainConfig", "evaluate", "folder_samples", "gumbel_softmax", "prepare",
+           "pruned_logprobs", "reference_responses", "sequence_loss", "shares_of", "testbed_samples", "train"]

@@ -1,8 +1,11 @@
-"""Run every baseline policy on the built-in model and one generated image, side by side:
-the answer, the image tokens retained, FLOPs ratios (prefill / cached conventions) and wall time.
+"""Run the pruning policies side by side on the built-in testbed model and a held-out scene:
+the caption and two short answers each policy produces (greedy), the image tokens it retained,
+its FLOPs ratio (prefill and cached conventions) and wall time, next to the scene's truth.
 
-Until the trained testbed model ships, the built-in model is a tiny random-weight LLaVA built in
-code: its text is gibberish, but the pruning, the traces and the FLOPs are real.
+Examples:
+  dyrate demo
+  dyrate demo --scene 3 --policies 'none;fastv:k=2,r=0.75;random:k=2,r=0.75'
+  dyrate demo --model runs/testbed --out demo/
 """
 
 from __future__ import annotations
@@ -12,34 +15,31 @@ import tempfile
 import time
 from pathlib import Path
 
-DEMO_POLICIES = ["none", "fastv:k=2,r=0.5", "fixed:k=2,r=0.75", "schedule:1=0.25,3=0.75", "vtw:k=2"]
+BASELINES = ["none", "fastv:k=2,r=0.5", "fastv:k=2,r=0.75", "vtw:k=3"]
+CAPTION_PROMPT = "describe the image."
+
+
+def default_policies() -> list[str]:
+    """The baselines, plus DyRate with the shipped MLP predictor when this install has one."""
+    from ..errors import CheckpointError
+    from ..testbed.shipped import predictor_path
+
+    try:
+        return [*BASELINES, f"dyrate:k=2,predictor={predictor_path('mlp')}"]
+    except CheckpointError:
+        return list(BASELINES)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .common import add_model_arguments
 
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(p)
-    p.add_argument("--policies", default=";".join(DEMO_POLICIES),
-                   help=f"policy specs separated by ';' (default: {';'.join(DEMO_POLICIES)})")
-    p.add_argument("--prompt", default="Describe the image.", help="the question asked (default: 'Describe the image.')")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate per policy (default 16)")
-    p.add_argument("--out", default=None, help="directory for the demo image (default: a temporary directory)")
-
-
-def demo_image(path: Path) -> Path:
-    """Draw a small scene (a few coloured shapes on a noisy background) and save it."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(0)
-    base = (200 + rng.integers(-12, 12, size=(96, 96, 3))).clip(0, 255).astype("uint8")
-    img = Image.fromarray(base)
-    draw = ImageDraw.Draw(img)
-    draw.ellipse((8, 8, 40, 40), fill=(220, 30, 30))
-    draw.rectangle((56, 56, 88, 88), fill=(30, 60, 220))
-    draw.polygon([(60, 10), (88, 40), (32 + 28, 40)], fill=(30, 180, 60))
-    img.save(path)
-    return path
+    p.add_argument("--policies", default=None,
+                   help=f"policy specs separated by ';' (default: {';'.join(BASELINES)}, and DyRate with the shipped predictor)")
+    p.add_argument("--scene", type=int, default=0, help="which held-out scene (seed-1 set, index >= 0) [0]")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate per answer at most [48]")
+    p.add_argument("--out", default=None, help="directory for the scene image (default: a temporary directory)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,31 +47,76 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ..api import generate
+    from ..errors import InputError
     from ..policies import parse_policy
+    from ..testbed.data import eval_scene_seed
+    from ..testbed.language import caption, short_questions
+    from ..testbed.scenes import render, sample_scene
     from .common import load_model
 
-    specs = [s.strip() for s in args.policies.split(";") if s.strip()]
+    if args.scene < 0:
+        raise InputError(f"--scene must be >= 0, got {args.scene}")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    specs = [s.strip() for s in (args.policies or ";".join(default_policies())).split(";") if s.strip()]
     policies = [parse_policy(s) for s in specs]  # fail before any work on a bad spec
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=120)  # logs and pipes: wide enough for a readable caption column
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    for pol in policies:
+        pol.validate(model.config.get_text_config().num_hidden_layers)
+        pol.check_model(model)
+
+    scene = sample_scene(eval_scene_seed(1, args.scene))
+    image_size = model.config.vision_config.image_size
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dyrate-demo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    image = demo_image(out_dir / "scene.png")
-    console.print(f"image: [bold]{image}[/]   prompt: [bold]{args.prompt!r}[/]")
-    table = Table(title="dyrate demo: one image, every policy (greedy)")
-    for col in ("policy", "answer", "image tokens kept", "FLOPs prefill", "FLOPs cached", "time (s)"):
-        table.add_column(col, overflow="fold")
-    generate(model, processor, [image], [args.prompt], max_new_tokens=2)  # warm-up, not timed
+    image = out_dir / f"scene-{args.scene}.png"
+    render(scene, image_size).save(image)
+    by_type = {q.type: q for q in short_questions(scene)}
+    questions = [by_type[t] for t in ("colour", "count", "shape", "size") if t in by_type][:2]
+    prompts = [CAPTION_PROMPT] + [q.question for q in questions]
+
+    console.print(f"image: [bold]{image}[/] ({image_size}x{image_size}, held-out scene {args.scene})")
+    answers = Table(title="answers (greedy)")
+    answers.add_column("policy", no_wrap=True)
+    answers.add_column(f"'{CAPTION_PROMPT}'", ratio=3)
+    for q in questions:
+        answers.add_column(f"'{q.question}'", ratio=1)
+    answers.add_row("[italic]truth[/]", caption(scene), *(q.answer for q in questions), end_section=True)
+    cost = Table(title="cost")
+    for col in ("policy", "image tokens kept", "FLOPs prefill", "FLOPs cached", "time (s)"):
+        cost.add_column(col, no_wrap=col == "policy", justify="left" if col == "policy" else "right")
+    images = [image] * len(prompts)
+    generate(model, processor, images[:1], prompts[:1], max_new_tokens=2)  # warm-up, not timed
     for policy in policies:
         start = time.perf_counter()
-        [res] = generate(model, processor, [image], [args.prompt], policy=policy, max_new_tokens=args.max_new_tokens)
+        results = generate(model, processor, images, prompts, policy=policy, max_new_tokens=args.max_new_tokens)
         elapsed = time.perf_counter() - start
-        table.add_row(
-            res.policy, repr(res.text), f"{100 * res.retained:.0f}%",
-            f"{100 * res.flops['prefill']['ratio']:.1f}%", f"{100 * res.flops['cached']['ratio']:.1f}%",
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        name = _short(results[0].policy)
+        answers.add_row(name, *(r.text for r in results))
+        cost.add_row(
+            name,
+            f"{100 * mean([r.retained for r in results]):.0f}%",
+            f"{100 * mean([r.flops['prefill']['ratio'] for r in results]):.1f}%",
+            f"{100 * mean([r.flops['cached']['ratio'] for r in results]):.1f}%",
             f"{elapsed:.2f}",
         )
-    console.print(table)
-    console.print("FLOPs: decoder layers only, FFN counted as 2dm (FastV's convention); see docs/flops.md. "
-                  "'image tokens kept' averages over the pruned layers and all steps.")
+    console.print(answers)
+    console.print(cost)
+    console.print(
+        "One generate call per policy (the three prompts as a batch of 3). 'image tokens kept': image tokens "
+        "retained, averaged over the pruned layers and all steps; FLOPs: decoder only, FFN as 2dm, mean over the "
+        "three rows (docs/flops.md)."
+    )
     return 0
+
+
+def _short(spec: str) -> str:
+    """A policy spec with a predictor path shortened to its file name."""
+    if "predictor=" not in spec:
+        return spec
+    head, _, path = spec.partition("predictor=")
+    return head + "predictor=" + Path(path).name

@@ -67,6 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="",
         help="text appended to every VQA / POPE question, e.g. 'Answer with one word.' (default: none)",
     )
+    dec = p.add_argument_group("decoding (default: greedy)")
+    dec.add_argument("--num-beams", type=int, default=None, help="beam search with N beams")
+    dec.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
+    dec.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --do-sample)")
+    dec.add_argument("--top-k", type=int, default=None, help="top-k sampling (with --do-sample)")
+    dec.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --do-sample)")
+    dec.add_argument("--seed", type=int, default=None, help="sampling seed (with --do-sample) [0]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -85,6 +92,20 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation import EvalConfig, prepare, run_eval
     from .common import load_model
 
+    from ..errors import InputError
+
+    decoding = {}
+    if args.num_beams is not None:
+        if args.num_beams < 1:
+            raise InputError(f"--num-beams must be >= 1, got {args.num_beams}")
+        decoding["num_beams"] = args.num_beams
+    sampling = {k: getattr(args, k) for k in ("top_p", "top_k", "temperature", "seed") if getattr(args, k) is not None}
+    if sampling and not args.do_sample:
+        raise InputError(f"--{next(iter(sampling)).replace('_', '-')} needs --do-sample")
+    if args.do_sample:
+        if args.num_beams not in (None, 1):
+            raise InputError("--do-sample and --num-beams > 1 cannot be combined")
+        decoding.update({"do_sample": True, "seed": 0, **sampling})
     state = _state(args.device)
     is_main = state is None or state.is_main_process
     config = EvalConfig(
@@ -101,12 +122,13 @@ def run(args: argparse.Namespace) -> int:
         suffix=args.suffix,
         progress=not args.quiet,
         model_name=str(Path(args.model).resolve()) if args.model else "builtin",
+        decoding=decoding,
     )
     plan = prepare(config)  # data and policies are checked before the model loads
     device = args.device
     if device is None and state is not None:
         device = "cpu" if state.device.type == "cpu" else str(state.device)
-    model, processor = load_model(args.model, quiet=not is_main, device=device, dtype=args.dtype)
+    model, processor = load_model(args.model, device=device, dtype=args.dtype)
     summary = run_eval(model, processor, plan, state=state)
     if summary is not None:
         sys.stdout.write((Path(config.out) / "summary.md").read_text())

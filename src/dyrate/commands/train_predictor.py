@@ -1,14 +1,16 @@
 """Train a rate predictor for `dyrate:predictor=FILE` (mlp) or `dyrate-rnn:predictor=FILE` (gru).
 
-The VLM stays frozen. Each sequence is a prompt plus the unpruned model's own greedy answer,
-teacher-forced; the loss is KL(full || soft-pruned) on the answer's next-token distributions plus a
-compute term (--lambda: lambda * mean expected kept fraction; --target-keep: a squared budget
-penalty). See docs/dyrate.md. Rerunning the same command resumes (state in OUT's
-.train-state.safetensors file next to it).
+The VLM stays frozen. Each sequence is a prompt plus an answer, teacher-forced. With --objective kl
+(the default) the answer is the unpruned model's own greedy one and the fit term is KL(full ||
+soft-pruned) on its next-token distributions; with --objective ce it is the reference answer of the
+data and the fit term is the soft-pruned model's cross-entropy on it. Plus a compute term (--lambda:
+lambda * mean expected kept fraction; --target-keep: a squared budget penalty). See docs/dyrate.md.
+Rerunning the same command resumes (state in OUT's .train-state.safetensors file next to it).
 
 Examples:
   dyrate train-predictor --model runs/testbed --testbed --arch gru --lambda 0.1 --out runs/gru.safetensors
   dyrate train-predictor --model runs/testbed --data runs/testbed-data --arch mlp --target-keep 0.4 --out mlp.safetensors
+  dyrate train-predictor --model runs/testbed --testbed --arch mlp --objective ce --lambda 0.1 --out runs/ce.safetensors
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     obj = p.add_mutually_exclusive_group(required=True)
     obj.add_argument("--target-keep", type=float, default=None, help="budget: target mean fraction of image tokens kept")
     obj.add_argument("--lambda", dest="lam", type=float, default=None, help="weight of the mean expected kept fraction")
+    p.add_argument("--objective", choices=("kl", "ce"), default="kl",
+                   help="fit term: kl = KL to the unpruned model on its own greedy answers (no labels needed); "
+                        "ce = cross-entropy on the reference answers of the data (default kl)")
     p.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps in total (default 200)")
     p.add_argument("--k", type=int, default=2, help="first pruned layer K; the probe reads layer K-1 (default 2)")
@@ -43,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-weight", type=float, default=10.0, help="weight of the --target-keep penalty (default 10)")
     p.add_argument("--tau-start", type=float, default=1.0, help="Gumbel-Softmax temperature at the start (default 1)")
     p.add_argument("--tau-end", type=float, default=0.1, help="temperature at the last step (default 0.1)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="length of the teacher answers (default 24)")
+    p.add_argument("--max-new-tokens", type=int, default=24,
+                   help="length of the greedy teacher answers, --objective kl only (default 24)")
     p.add_argument("--save-every", type=int, default=50, help="training-state checkpoint every N steps (default 50)")
     p.add_argument("--seed", type=int, default=0, help="initialisation, data and noise seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -64,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(arch=args.arch, k=args.k, bins=args.bins, history=args.history, hidden=args.hidden,
                       features=features, steps=args.steps, batch=args.batch, lr=args.lr, lam=args.lam,
                       target_keep=args.target_keep, budget_weight=args.budget_weight, tau_start=args.tau_start,
-                      tau_end=args.tau_end, seed=args.seed)
+                      tau_end=args.tau_end, seed=args.seed, objective=args.objective)
     if not args.out.endswith(".safetensors"):
         raise InputError(f"--out {args.out!r} must end in .safetensors")
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -72,18 +78,19 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.k < n_layers:
         raise InputError(f"--k {args.k} must lie in 1..{n_layers - 1} for this {n_layers}-layer decoder")
     if args.testbed:
-        images, prompts = testbed_samples(model, args.samples, args.seed)
+        images, prompts, answers = testbed_samples(model, args.samples, args.seed)
     else:
-        images, prompts = folder_samples(args.data, args.samples)
+        images, prompts, answers = folder_samples(args.data, args.samples)
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
     summary = train(model, processor, images, prompts, cfg, args.out, max_new_tokens=args.max_new_tokens,
-                    save_every=args.save_every, progress=not args.no_progress, log=log)
+                    save_every=args.save_every, progress=not args.no_progress, log=log, answers=answers)
     if args.json:
         print(json.dumps(summary))
         return 0
     last = summary["last"] or {}
     policy = "dyrate" if args.arch == "mlp" else "dyrate-rnn"
-    print(f"{summary['steps']} steps; last loss {last.get('loss', float('nan')):.4f} (KL {last.get('kl', float('nan')):.4f}, "
-          f"kept {last.get('keep', float('nan')):.3f}); wrote {summary['out']}")
+    nan = float("nan")
+    print(f"{summary['steps']} steps; last loss {last.get('loss', nan):.4f} ({args.objective.upper()} "
+          f"{last.get('fit', last.get('kl', nan)):.4f}, kept {last.get('keep', nan):.3f}); wrote {summary['out']}")
     print(f"use it as --policy {policy}:k={args.k},predictor={summary['out']}")
     return 0

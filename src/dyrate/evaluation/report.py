@@ -51,7 +51,7 @@ def markdown(summary: dict) -> str:
         f"- data: `{summary['data']}`" + (f" (scene truth: `{summary['scenes']}`)" if summary.get("scenes") else ""),
         f"- rows: {rows['evaluated']} evaluated, {rows['skipped']} skipped as unusable"
         + (f" (limit {rows['limit']})" if rows.get("limit") else ""),
-        f"- mode: {summary['mode']}, greedy, max {summary['max_new_tokens']} new tokens, "
+        f"- mode: {summary['mode']}, {_decoding(summary.get('decoding'))}, max {summary['max_new_tokens']} new tokens, "
         + (f"prompt {summary['prompt']!r}" if task == "caption" else f"question suffix {summary['suffix']!r}")
         + (f"; {summary['processes']} processes" if summary.get("processes", 1) > 1 else ""),
         "",
@@ -148,3 +148,14 @@ def pareto_plot(summary: dict, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return bool(pts)
+
+
+def _decoding(options: dict | None) -> str:
+    """'greedy', 'beam search (2 beams)', 'sampling (top_p=0.9, seed=0)'."""
+    options = {k: v for k, v in (options or {}).items() if k != "greedy"}
+    if not options:
+        return "greedy"
+    if options.get("num_beams", 1) > 1:
+        return f"beam search ({options['num_beams']} beams)"
+    rest = ", ".join(f"{k}={v}" for k, v in sorted(options.items()) if k != "do_sample")
+    return f"sampling ({rest})" if options.get("do_sample") else "greedy"

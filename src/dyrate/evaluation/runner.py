@@ -49,6 +49,7 @@ class EvalConfig:
     suffix: str = ""  # appended to VQA / POPE questions, e.g. "Answer with one word."
     progress: bool = True
     model_name: str = ""  # recorded in run.json / summary (a path, or "builtin")
+    decoding: dict[str, Any] = field(default_factory=dict)  # generate options (num_beams, do_sample, top_p, seed, ...); {} = greedy
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -57,6 +58,12 @@ class EvalConfig:
             self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[self.task]
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        from ..generation import GenerationOptions
+
+        allowed = set(GenerationOptions.__dataclass_fields__) - {"max_new_tokens"}  # that one is a field here
+        unknown = set(self.decoding) - allowed
+        if unknown:
+            raise InputError(f"unknown decoding option(s): {', '.join(sorted(unknown))}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
         if self.mode not in ("evict", "mask"):
@@ -78,6 +85,8 @@ class EvalConfig:
             "mode": self.mode,
             "max_new_tokens": self.max_new_tokens,
         }
+        if self.decoding:
+            d["decoding"] = dict(sorted(self.decoding.items()))
         if self.task == "caption":
             d["prompt"] = self.prompt
         else:
@@ -295,6 +304,7 @@ def _generate_rows(generate, model, processor, rows, images, policy, config, err
             policy=policy,
             mode=config.mode,
             max_new_tokens=config.max_new_tokens,
+            **config.decoding,
         )
         latency = (time.perf_counter() - t0) / len(rows)
         return [(r, _sample(r, policy, config.mode, res, latency)) for r, res in zip(rows, results)]
@@ -392,6 +402,7 @@ def summarize(plan: Plan, samples: list[dict] | dict) -> dict:
         "data": str(ds.path),
         "model": config.model_name,
         "mode": config.mode,
+        "decoding": config.decoding or {"greedy": True},
         "max_new_tokens": config.max_new_tokens,
         "prompt": config.prompt if config.task == "caption" else None,
         "suffix": config.suffix if config.task != "caption" else None,

@@ -10,6 +10,7 @@ from .dyrate_rnn import DyRateRNN
 from .fastv import FastV
 from .fixed import FixedRate
 from .none import NoPruning
+from .random_rank import RandomPruning
 from .schedule import DepthSchedule
 from .vtw import VTW
 
@@ -20,6 +21,7 @@ REGISTRY: dict[str, type[Policy]] = {
     "vtw": VTW,
     "fixed": FixedRate,
     "schedule": DepthSchedule,
+    "random": RandomPruning,
     "dyrate": DyRate,
     "dyrate-rnn": DyRateRNN,
 }

@@ -99,6 +99,11 @@ class Policy(abc.ABC):
     def keep(self, stage: int, probe: Probe, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Target image-token count per row (B,) long for `stage`, or None to leave the kept set as it is."""
 
+    def scores(self, stage: int, probe: Probe, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, S) ranking scores of the image slots: the engine keeps the highest `keep` of each row.
+        Default: the probe's attention (FastV's criterion). Only candidate slots are ranked."""
+        return probe.img_scores
+
     def rate(self, stage: int, probe: Probe, keep: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reduction rate behind this step's decision (B,), for the trace. Default: 1 - keep / n_img.
         A policy that chose a rate itself can leave it in `state` during `keep` and return it here."""

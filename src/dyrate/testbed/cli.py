@@ -63,6 +63,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the decoder/projector [1e-3]")
     p.add_argument("--vision-lr-mult", type=float, default=2.0, help="learning-rate multiplier of the vision tower [2]")
     p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch vision loss, 0 = off [0.5]")
+    p.add_argument(
+        "--proj-aux-weight", type=float, default=0.5,
+        help="weight of the per-patch loss on the projector output (attributes and grid cell), 0 = off [0.5]",
+    )
+    p.add_argument(
+        "--drop-prob", type=float, default=0.0,
+        help="image-token dropout: fraction of examples whose image tokens are randomly hidden from a random "
+        "decoder layer on (robustness to pruning; 0 = off) [0]",
+    )
+    p.add_argument("--drop-max-rate", type=float, default=0.9, help="largest fraction of image tokens hidden [0.9]")
+    p.add_argument("--init", type=Path, default=None, help="warm start from the weights of an earlier run's --out (new optimizer and LR schedule)")
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints [300]")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads [torch default]")
@@ -135,6 +146,10 @@ def _run_train(args) -> int:
         lr=args.lr,
         vision_lr_mult=args.vision_lr_mult,
         aux_weight=args.aux_weight,
+        proj_aux_weight=args.proj_aux_weight,
+        init=None if args.init is None else str(args.init),
+        drop_prob=args.drop_prob,
+        drop_max_rate=args.drop_max_rate,
         bf16=not args.no_bf16,
         save_every_s=args.save_every,
         progress=not args.quiet,

@@ -219,8 +219,9 @@ def render(scene: Scene, image_size: int = 96, with_labels: bool = False):
 def patch_labels(scene: Scene, labels: np.ndarray, patch: int) -> np.ndarray:
     """Per-patch attribute targets for the auxiliary vision loss.
 
-    Returns int64 (P, 3) with P = (H/patch)*(W/patch) in row-major patch order and columns
-    (shape, colour, size), each 0 for background or 1 + index into SHAPES / COLOUR_NAMES / SIZES.
+    Returns int64 (P, 4) with P = (H/patch)*(W/patch) in row-major patch order and columns
+    (shape, colour, size, cell), each 0 for background or 1 + index into SHAPES / COLOUR_NAMES /
+    SIZES / POSITIONS (the grid cell of the object).
     A patch takes the object that covers most of its pixels if that is >= 1/4 of it.
     """
     h, w = labels.shape
@@ -233,7 +234,7 @@ def patch_labels(scene: Scene, labels: np.ndarray, patch: int) -> np.ndarray:
     counts[:, 0] = 0  # pick among objects only
     best = counts.argmax(1)  # (P,) object index + 1
     covered = counts.max(1) >= (patch * patch) / 4
-    table = np.zeros((n_obj + 1, 3), dtype=np.int64)
+    table = np.zeros((n_obj + 1, 4), dtype=np.int64)
     for i, o in enumerate(scene.objects):
-        table[i + 1] = (SHAPES.index(o.shape) + 1, COLOUR_NAMES.index(o.colour) + 1, SIZES.index(o.size) + 1)
+        table[i + 1] = (SHAPES.index(o.shape) + 1, COLOUR_NAMES.index(o.colour) + 1, SIZES.index(o.size) + 1, o.cell + 1)
     return np.where(covered[:, None], table[best], 0)

@@ -37,7 +37,7 @@ from ..errors import CheckpointError, InputError
 from .configs import build_config, get_spec
 from .data import sample_example, train_scene_seed
 from .processing import EOS, IMAGE, build_processor, pixel_values
-from .scenes import COLOUR_NAMES, SHAPES, SIZES, patch_labels, render
+from .scenes import COLOUR_NAMES, POSITIONS, SHAPES, SIZES, patch_labels, render
 
 STATE_DIR = "train_state"
 
@@ -56,6 +56,10 @@ class TrainArgs:
     warmup_steps: int = 100
     min_lr_frac: float = 0.1
     aux_weight: float = 0.5
+    proj_aux_weight: float = 0.5  # per-patch loss on the projector output, with the grid cell
+    init: str | None = None  # start from the weights of another run (OUT of an earlier train)
+    drop_prob: float = 0.0  # image-token dropout: fraction of examples that get it (see sample_dropout)
+    drop_max_rate: float = 0.9  # ... and the largest fraction of image tokens hidden
     bf16: bool = True  # bf16 autocast (fast on CPUs with AMX / AVX512-BF16)
     save_every_s: float = 300.0
     log_every: int = 10
@@ -74,24 +78,42 @@ class TrainArgs:
             raise InputError(f"--batch-size must be positive, got {self.batch_size}")
         if self.lr <= 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.drop_prob <= 1 or not 0 <= self.drop_max_rate < 1:
+            raise InputError(f"--drop-prob must lie in [0, 1] and --drop-max-rate in [0, 1), got {self.drop_prob}, {self.drop_max_rate}")
+        if self.init is not None and not (Path(self.init) / STATE_DIR / "model.safetensors").is_file():
+            raise InputError(f"--init {self.init}: no {STATE_DIR}/model.safetensors there (give the --out of an earlier run)")
 
 
 class AuxHeads(nn.Module):
-    """Per-patch attribute classifiers on the vision tower output (training only)."""
+    """Per-patch classifiers (training only): linear heads read each patch feature and predict
+    the attributes of the object covering the patch (or background)."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, with_cell: bool = False):
         super().__init__()
         self.shape = nn.Linear(hidden, len(SHAPES) + 1)
         self.colour = nn.Linear(hidden, len(COLOUR_NAMES) + 1)
         self.size = nn.Linear(hidden, len(SIZES) + 1)
+        self.cell = nn.Linear(hidden, len(POSITIONS) + 1) if with_cell else None
 
     def loss(self, feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """feats: (B, P, Dv) patch features; targets: (B, P, 3) int64 -> scalar mean CE."""
+        """feats: (B, P, D) patch features; targets: (B, P, 4) int64 (shape, colour, size, cell)
+        -> scalar mean cross-entropy over the heads."""
+        heads = [self.shape, self.colour, self.size] + ([self.cell] if self.cell is not None else [])
         losses = []
-        for k, head in enumerate((self.shape, self.colour, self.size)):
+        for k, head in enumerate(heads):
             logits = head(feats).float()  # (B, P, C)
             losses.append(F.cross_entropy(logits.flatten(0, 1), targets[..., k].flatten()))
         return sum(losses) / len(losses)
+
+
+class Aux(nn.Module):
+    """Both auxiliary losses: on the tower output (shape, colour, size) and on the projector
+    output, i.e. the image embeddings the decoder reads (shape, colour, size and grid cell)."""
+
+    def __init__(self, tower_hidden: int, text_hidden: int):
+        super().__init__()
+        self.tower = AuxHeads(tower_hidden)
+        self.proj = AuxHeads(text_hidden, with_cell=True)
 
 
 class BatchBuilder:
@@ -138,28 +160,70 @@ class BatchBuilder:
             "attention_mask": mask,  # (B, T)
             "labels": label_t,  # (B, T)
             "pixel_values": pixel_values(images, self.spec.image_size),  # (B, 3, S, S)
-            "patch_targets": torch.stack(targets),  # (B, P, 3)
+            "patch_targets": torch.stack(targets),  # (B, P, 4)
         }
 
 
-def forward_logits(model: LlavaForConditionalGeneration, input_ids, attention_mask, pixel_values):
-    """The model's forward pass written out, also returning the tower's patch features.
-    Equals `model(input_ids, pixel_values, attention_mask).logits` (tested)."""
+def forward_logits(model: LlavaForConditionalGeneration, input_ids, attention_mask, pixel_values, drop=None):
+    """The model's forward pass written out, also returning the tower's patch features and the
+    projector output. Equals `model(input_ids, pixel_values, attention_mask).logits` (tested).
+
+    drop: None, or (start (B,) long, hidden (B, T) bool): image-token dropout, in which the
+    columns `hidden` of row b are invisible as keys in decoder layers >= start[b] (an image token
+    still attends itself, as in the engine's mask mode)."""
     tower = model.model.vision_tower(pixel_values)
     feats = tower.last_hidden_state[:, 1:]  # (B, 1+P, Dv) -> (B, P, Dv): drop CLS ('default')
     image_embeds = model.model.multi_modal_projector(feats)  # (B, P, D)
     embeds = model.get_input_embeddings()(input_ids)  # (B, T, D)
     is_image = (input_ids == model.config.image_token_id).unsqueeze(-1)  # (B, T, 1)
     embeds = embeds.masked_scatter(is_image, image_embeds.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-    return model.lm_head(hidden), feats  # (B, T, V), (B, P, Dv)
+    lm = model.model.language_model
+    if drop is None:
+        hidden = lm(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    else:
+        hidden = _decoder_with_dropout(lm, embeds, attention_mask, *drop)
+    return model.lm_head(hidden), feats, image_embeds  # (B, T, V), (B, P, Dv), (B, P, D)
 
 
-def compute_loss(model, aux: AuxHeads, batch: dict, aux_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+def _decoder_with_dropout(lm, embeds, attention_mask, start, hidden_cols):
+    """The Llama decoder layer by layer, with per-layer boolean masks (right padding, so positions
+    are 0..T-1). embeds: (B, T, D); attention_mask: (B, T); start: (B,); hidden_cols: (B, T) bool."""
+    b, t = attention_mask.shape
+    device = embeds.device
+    position_ids = torch.arange(t, device=device)[None].expand(b, t)  # (B, T)
+    pos_emb = lm.rotary_emb(embeds, position_ids)
+    causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()  # (T, T)
+    base = causal[None] & attention_mask.bool()[:, None, :]  # (B, T_q, T_k)
+    eye = torch.eye(t, dtype=torch.bool, device=device)[None]  # (1, T, T): no empty row, self stays visible
+    hidden = embeds
+    for i, layer in enumerate(lm.layers):
+        gone = hidden_cols & (start <= i)[:, None]  # (B, T) keys invisible in this layer
+        allowed = (base & ~gone[:, None, :]) | eye  # (B, T_q, T_k)
+        hidden = layer(hidden, attention_mask=allowed[:, None], position_embeddings=pos_emb, position_ids=position_ids)
+    return lm.norm(hidden)
+
+
+def sample_dropout(input_ids, image_token_id: int, n_layers: int, args: "TrainArgs", step: int):
+    """Random image-token dropout for one batch, a pure function of (seed, step): each example
+    with probability `drop_prob` hides a uniform fraction in [0, drop_max_rate) of its image tokens,
+    chosen at random, from a random layer in 1..n_layers-1 on. Returns (start, hidden_cols) or None."""
+    if args.drop_prob <= 0:
+        return None
+    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    b = input_ids.shape[0]
+    on = torch.rand(b, generator=gen) < args.drop_prob  # (B,)
+    rate = torch.rand(b, generator=gen) * args.drop_max_rate  # (B,)
+    start = torch.randint(1, n_layers, (b,), generator=gen)  # (B,) in 1..L-1
+    is_image = (input_ids == image_token_id).cpu()  # (B, T)
+    hidden_cols = (torch.rand(is_image.shape, generator=gen) < rate[:, None]) & is_image & on[:, None]
+    return start.to(input_ids.device), hidden_cols.to(input_ids.device)
+
+
+def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weight: float = 0.0, drop=None) -> tuple[torch.Tensor, dict[str, float]]:
     """Response-token cross-entropy averaged per example, then over the batch (so a one-word
     answer weighs as much as a 40-word caption; a plain token mean would give short answers
-    about 10% of the gradient), plus the weighted auxiliary patch loss."""
-    logits, feats = forward_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    about 10% of the gradient), plus the weighted auxiliary patch losses (tower and projector)."""
+    logits, feats, image_embeds = forward_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], drop)
     # Next-token prediction: position t predicts labels[t + 1].
     targets = batch["labels"][:, 1:]  # (B, T-1)
     token_ce = F.cross_entropy(
@@ -170,9 +234,13 @@ def compute_loss(model, aux: AuxHeads, batch: dict, aux_weight: float) -> tuple[
     loss = lm
     parts = {"lm": lm.item()}
     if aux_weight > 0:
-        aux_loss = aux.loss(feats, batch["patch_targets"])
+        aux_loss = aux.tower.loss(feats, batch["patch_targets"])
         loss = loss + aux_weight * aux_loss
         parts["aux"] = aux_loss.item()
+    if proj_aux_weight > 0:
+        proj_loss = aux.proj.loss(image_embeds, batch["patch_targets"])
+        loss = loss + proj_aux_weight * proj_loss
+        parts["proj_aux"] = proj_loss.item()
     parts["loss"] = loss.item()
     return loss, parts
 
@@ -186,7 +254,7 @@ def lr_factor(step: int, progress: float, args: TrainArgs) -> float:
     return args.min_lr_frac + (1 - args.min_lr_frac) * cos
 
 
-def make_optimizer(model, aux: AuxHeads, args: TrainArgs) -> torch.optim.AdamW:
+def make_optimizer(model, aux: Aux, args: TrainArgs) -> torch.optim.AdamW:
     """AdamW with two learning rates (vision tower + aux head higher) and no decay on
     biases, norms and embeddings of size-1 dims."""
     groups: dict[tuple[float, float], list] = {}
@@ -263,6 +331,27 @@ def load_state(out: Path, model, aux, opt: torch.optim.AdamW) -> dict | None:
     return state
 
 
+def init_from(run: Path, model, aux) -> dict[str, int]:
+    """Copy the weights of an earlier run's training state into a fresh model (a warm start:
+    new optimizer, new LR schedule). Tensors the earlier run lacks, or with another shape,
+    keep their initialisation. Returns counts of loaded and kept-fresh tensors."""
+    path = run / STATE_DIR / "model.safetensors"
+    try:
+        weights = load_file(str(path))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not a usable training state: {err}") from err
+    params = _named_params(model, aux)
+    if not any(n.startswith("model.") and n in weights for n in params):
+        raise CheckpointError(f"{path} holds no weights of this model")
+    loaded = 0
+    with torch.no_grad():
+        for n, p in params.items():
+            if n in weights and weights[n].shape == p.shape:
+                p.copy_(weights[n])
+                loaded += 1
+    return {"loaded": loaded, "fresh": len(params) - loaded}
+
+
 def export(model: LlavaForConditionalGeneration, processor, out: Path, summary: dict) -> None:
     """Write an ordinary HF checkpoint directory: fp16 weights, config, generation config,
     processor, and `testbed.json` (how it was trained)."""
@@ -306,7 +395,7 @@ def build_model(config_name: str, seed: int):
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    aux = AuxHeads(config.vision_config.hidden_size)
+    aux = Aux(config.vision_config.hidden_size, config.text_config.hidden_size)
     return model, aux, processor
 
 
@@ -325,6 +414,9 @@ def train(args: TrainArgs) -> dict:
         if previous != args.config:
             raise InputError(f"{out} holds a training state of config {previous!r}, not {args.config!r}; use another --out")
     state = load_state(out, model, aux, opt)
+    if state is None and args.init is not None:
+        counts = init_from(Path(args.init), model, aux)
+        print(f"initialised from {args.init}: {counts['loaded']} tensors loaded, {counts['fresh']} new", flush=True)
     step = state["step"] if state else 0
     elapsed = state["elapsed_s"] if state else 0.0
     builder = BatchBuilder(processor, args.config)
@@ -357,7 +449,8 @@ def train(args: TrainArgs) -> dict:
         for g in opt.param_groups:
             g["lr"] = args.lr * g["lr_mult"] * factor
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss, parts = compute_loss(model, aux, batch, args.aux_weight)
+            drop = sample_dropout(batch["input_ids"], model.config.image_token_id, model.config.text_config.num_hidden_layers, args, step)
+            loss, parts = compute_loss(model, aux, batch, args.aux_weight, args.proj_aux_weight, drop)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
@@ -382,6 +475,10 @@ def train(args: TrainArgs) -> dict:
         "train_minutes": round(elapsed / 60, 2),
         "batch_size": args.batch_size,
         "seed": args.seed,
+        "init": args.init,
+        "proj_aux_weight": args.proj_aux_weight,
+        "drop_prob": args.drop_prob,
+        "drop_max_rate": args.drop_max_rate,
         "final_loss_ema": ema,
         "parameters": sum(p.numel() for p in model.parameters()),
         "torch_threads": torch.get_num_threads(),

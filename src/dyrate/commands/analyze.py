@@ -1,0 +1,88 @@
+"""Where does the newest token look? The mean attention share of the system prompt (sys), image
+(img), instruction (ins) and response so far (res) at the probe layer, against generation step,
+for several layers: the seed's central figure. Writes a PNG and the numbers as JSON.
+
+Examples:
+  dyrate analyze --data runs/heldout --out docs/img/shares.png
+  dyrate analyze --model runs/testbed --data runs/heldout --task vqa --layers 0,1,3 --out shares.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..evaluation.datasets import DEFAULT_CAPTION_PROMPT, TASKS
+    from .common import add_model_arguments
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_model_arguments(p)
+    p.add_argument("--data", required=True, help="testbed data folder or a caption / VQA / POPE file (see `dyrate eval`)")
+    p.add_argument("--task", default="caption", choices=TASKS, help="which file of the folder and which prompts [caption]")
+    p.add_argument("--prompt", default=DEFAULT_CAPTION_PROMPT, help=f"caption instruction [{DEFAULT_CAPTION_PROMPT!r}]")
+    p.add_argument("--layers", default=None, help="probe layers, comma-separated (default: every layer 0..L-2)")
+    p.add_argument("--limit", type=int, default=50, help="rows to analyse [50]")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="generation steps at most [48]")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per generate call [8]")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write (the numbers go next to it as .json)")
+    p.add_argument("--json", type=Path, default=None, help="where the JSON goes [OUT with suffix .json]")
+
+
+def _layers(text: str | None, n_layers: int) -> list[int]:
+    from ..errors import InputError
+
+    if text is None:
+        return list(range(n_layers - 1))
+    try:
+        layers = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise InputError(f"--layers {text!r}: give comma-separated integers, e.g. 0,1,3") from None
+    if not layers:
+        raise InputError("--layers is empty")
+    return layers
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..analyze import attention_shares, plot_shares
+    from ..errors import InputError
+    from ..evaluation.datasets import load_dataset
+    from .common import load_model
+
+    if args.out.suffix.lower() != ".png":
+        raise InputError(f"--out {args.out}: expected a .png path")
+    for name in ("limit", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    data = load_dataset(args.task, args.data, limit=args.limit)
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    layers = _layers(args.layers, model.config.get_text_config().num_hidden_layers)
+    prompts = [args.prompt if args.task == "caption" else r.question for r in data.rows]
+    images = [r.image for r in data.rows]
+    with tqdm(total=len(layers) * len(prompts), unit="row", desc="analyze", file=sys.stderr) as bar:
+        result = attention_shares(model, processor, images, prompts, layers, args.max_new_tokens, args.batch_size, bar.update)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    model_name = args.model or "built-in testbed model"
+    plot_shares(result, args.out, title=f"{model_name}: {args.task}, {len(prompts)} rows")
+    json_path = args.json or args.out.with_suffix(".json")
+    payload = {
+        "model": model_name,
+        "data": str(data.path),
+        "task": args.task,
+        "rows": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "layers": {str(k): v for k, v in result["layers"].items()},
+    }
+    json_path.write_text(json.dumps(payload, indent=1) + "\n")
+    for layer in layers:
+        d = result["layers"][layer]
+        n = len(d["count"])
+        first, later = {g: d[g][0] for g in ("img", "res")}, {g: sum(d[g][1:]) / max(n - 1, 1) for g in ("img", "res")}
+        print(f"layer {layer}: img share {first['img']:.3f} at prefill, {later['img']:.3f} mean over {n - 1} decode steps; res {later['res']:.3f}")
+    print(f"wrote {args.out} and {json_path}")
+    return 0

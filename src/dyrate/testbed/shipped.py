@@ -1,0 +1,30 @@
+"""The testbed model and predictors that ship inside the package (the default of every command).
+
+Layout, under `dyrate/assets/testbed/`: an ordinary HF checkpoint directory (config, fp16
+safetensors, tokenizer, processor, `testbed.json`), `quality.json` (the held-out figures recorded
+in docs/testbed.md, which a test re-checks on a few scenes) and `predictors/` (DyRate rate
+predictors trained for this model: `mlp.safetensors`, `gru.safetensors`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "testbed"
+
+
+def model_dir() -> Path:
+    """The shipped checkpoint directory; CheckpointError if this install lacks it."""
+    if not (ASSET_DIR / "config.json").is_file():
+        raise CheckpointError(f"the built-in testbed model is missing ({ASSET_DIR}); reinstall dyrate or give --model DIR")
+    return ASSET_DIR
+
+
+def predictor_path(arch: str = "mlp") -> Path:
+    """A shipped DyRate predictor file for the shipped model ('mlp' or 'gru')."""
+    path = ASSET_DIR / "predictors" / f"{arch}.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"no shipped {arch!r} predictor ({path}); train one with `dyrate train-predictor`")
+    return path
