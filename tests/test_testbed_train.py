@@ -179,6 +179,20 @@ def test_image_token_dropout_forward():
     assert 0 < a[1].any(1).float().mean() < 1 and (a[0] == 1).all()  # 2 layers: start is layer 1
     assert sample_dropout(ids, model.config.image_token_id, 2, tiny_args("unused"), step=0) is None  # off by default
 
+    # background first: the hidden columns are background patches while there are enough of them
+    bg = (batch["patch_targets"][..., 0] == 0).repeat(20, 1)  # (60, P)
+    args = tiny_args("unused", drop_prob=1.0, drop_max_rate=0.9, drop_background_first=1.0)
+    start, hidden = sample_dropout(ids.repeat(20, 1), model.config.image_token_id, 2, args, step=5, background=bg)
+    img = is_img.repeat(20, 1)
+    for r in range(60):
+        cols = img[r].nonzero()[:, 0]  # image columns in patch order
+        n_hidden = int(hidden[r].sum())
+        if n_hidden <= int(bg[r].sum()):
+            assert bg[r][hidden[r][cols]].all(), r  # only background patches
+        else:
+            assert bg[r][~hidden[r][cols]].sum() == 0, r  # every background patch went first
+    assert hidden.sum() > 0
+
 
 def test_init_from_earlier_run(tmp_path):
     from dyrate.testbed.train import init_from

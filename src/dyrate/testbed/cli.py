@@ -73,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "decoder layer on (robustness to pruning; 0 = off) [0]",
     )
     p.add_argument("--drop-max-rate", type=float, default=0.9, help="largest fraction of image tokens hidden [0.9]")
+    p.add_argument(
+        "--drop-background-first", type=float, default=0.0,
+        help="fraction of the dropout examples that hide background patches first instead of uniformly random ones [0]",
+    )
     p.add_argument("--init", type=Path, default=None, help="warm start from the weights of an earlier run's --out (new optimizer and LR schedule)")
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints [300]")
@@ -150,6 +154,7 @@ def _run_train(args) -> int:
         init=None if args.init is None else str(args.init),
         drop_prob=args.drop_prob,
         drop_max_rate=args.drop_max_rate,
+        drop_background_first=args.drop_background_first,
         bf16=not args.no_bf16,
         save_every_s=args.save_every,
         progress=not args.quiet,

@@ -60,6 +60,7 @@ class TrainArgs:
     init: str | None = None  # start from the weights of another run (OUT of an earlier train)
     drop_prob: float = 0.0  # image-token dropout: fraction of examples that get it (see sample_dropout)
     drop_max_rate: float = 0.9  # ... and the largest fraction of image tokens hidden
+    drop_background_first: float = 0.0  # ... and the fraction of those that hide background patches first
     bf16: bool = True  # bf16 autocast (fast on CPUs with AMX / AVX512-BF16)
     save_every_s: float = 300.0
     log_every: int = 10
@@ -78,8 +79,11 @@ class TrainArgs:
             raise InputError(f"--batch-size must be positive, got {self.batch_size}")
         if self.lr <= 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
-        if not 0 <= self.drop_prob <= 1 or not 0 <= self.drop_max_rate < 1:
-            raise InputError(f"--drop-prob must lie in [0, 1] and --drop-max-rate in [0, 1), got {self.drop_prob}, {self.drop_max_rate}")
+        if not 0 <= self.drop_prob <= 1 or not 0 <= self.drop_max_rate < 1 or not 0 <= self.drop_background_first <= 1:
+            raise InputError(
+                f"--drop-prob and --drop-background-first must lie in [0, 1] and --drop-max-rate in [0, 1), "
+                f"got {self.drop_prob}, {self.drop_background_first}, {self.drop_max_rate}"
+            )
         if self.init is not None and not (Path(self.init) / STATE_DIR / "model.safetensors").is_file():
             raise InputError(f"--init {self.init}: no {STATE_DIR}/model.safetensors there (give the --out of an earlier run)")
 
@@ -203,10 +207,14 @@ def _decoder_with_dropout(lm, embeds, attention_mask, start, hidden_cols):
     return lm.norm(hidden)
 
 
-def sample_dropout(input_ids, image_token_id: int, n_layers: int, args: "TrainArgs", step: int):
-    """Random image-token dropout for one batch, a pure function of (seed, step): each example
-    with probability `drop_prob` hides a uniform fraction in [0, drop_max_rate) of its image tokens,
-    chosen at random, from a random layer in 1..n_layers-1 on. Returns (start, hidden_cols) or None."""
+def sample_dropout(input_ids, image_token_id: int, n_layers: int, args: "TrainArgs", step: int, background=None):
+    """Image-token dropout for one batch, a pure function of (seed, step): each example with
+    probability `drop_prob` hides a uniform fraction in [0, drop_max_rate) of its image tokens
+    from a random layer in 1..n_layers-1 on. Which tokens: uniformly random ones, or, for a
+    fraction `drop_background_first` of those examples, background patches first (random among
+    them; objects only once the background is used up), as a pruner that keeps the informative
+    tokens would. background: (B, P) bool, True where no object covers the patch (needed for the
+    second kind). Returns (start (B,), hidden_cols (B, T) bool) or None."""
     if args.drop_prob <= 0:
         return None
     gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -215,7 +223,19 @@ def sample_dropout(input_ids, image_token_id: int, n_layers: int, args: "TrainAr
     rate = torch.rand(b, generator=gen) * args.drop_max_rate  # (B,)
     start = torch.randint(1, n_layers, (b,), generator=gen)  # (B,) in 1..L-1
     is_image = (input_ids == image_token_id).cpu()  # (B, T)
-    hidden_cols = (torch.rand(is_image.shape, generator=gen) < rate[:, None]) & is_image & on[:, None]
+    u = torch.rand(is_image.shape, generator=gen)  # (B, T)
+    hidden_cols = u < rate[:, None]  # uniformly random kind
+    structured = torch.rand(b, generator=gen) < args.drop_background_first  # (B,)
+    if background is not None and bool(structured.any()):
+        is_object = torch.zeros_like(is_image)
+        is_object[is_image] = ~background.cpu().flatten()  # image columns in patch order (P per row)
+        key = u + 2.0 * is_object.float() + 4.0 * (~is_image).float()  # background first, then objects
+        rank = torch.empty_like(u, dtype=torch.long).scatter_(
+            1, key.argsort(1), torch.arange(u.shape[1]).expand(b, -1).contiguous()
+        )  # (B, T) position of each column in that order
+        n_hide = (rate * is_image.sum(1)).round().long()  # (B,)
+        hidden_cols = torch.where(structured[:, None], rank < n_hide[:, None], hidden_cols)
+    hidden_cols &= is_image & on[:, None]
     return start.to(input_ids.device), hidden_cols.to(input_ids.device)
 
 
@@ -449,7 +469,8 @@ def train(args: TrainArgs) -> dict:
         for g in opt.param_groups:
             g["lr"] = args.lr * g["lr_mult"] * factor
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            drop = sample_dropout(batch["input_ids"], model.config.image_token_id, model.config.text_config.num_hidden_layers, args, step)
+            drop = sample_dropout(batch["input_ids"], model.config.image_token_id, model.config.text_config.num_hidden_layers,
+                                  args, step, background=batch["patch_targets"][..., 0] == 0)
             loss, parts = compute_loss(model, aux, batch, args.aux_weight, args.proj_aux_weight, drop)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -479,6 +500,7 @@ def train(args: TrainArgs) -> dict:
         "proj_aux_weight": args.proj_aux_weight,
         "drop_prob": args.drop_prob,
         "drop_max_rate": args.drop_max_rate,
+        "drop_background_first": args.drop_background_first,
         "final_loss_ema": ema,
         "parameters": sum(p.numel() for p in model.parameters()),
         "torch_threads": torch.get_num_threads(),
