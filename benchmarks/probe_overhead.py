@@ -5,7 +5,7 @@ ranking and selection every step, nothing pruned), on the same inputs and cache 
 Rounds are interleaved across policies and the median per-step time is reported, so slow drifts
 of the machine hit every policy alike. The last line of output is one JSON object.
 
-    python benchmarks/probe_overhead.py [--config medium] [--batch 1,16] [--k 2] [--rounds 15]
+    python benchmarks/probe_overhead.py [--config medium] [--layers L] [--batch 1,16] [--k 2] [--rounds 15]
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="medium")
     ap.add_argument("--batch", default="1,16")
+    ap.add_argument("--layers", type=int, default=None, help="truncate the decoder to L layers (big shapes on CPU)")
     ap.add_argument("--k", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per round")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = random_llava(args.config)
+    model = random_llava(args.config, layers=args.layers)
     adapter = adapter_for(model)
     specs = ["none", f"none:k={args.k}", f"fixed:k={args.k},r=0"]
     engines = [Engine(adapter, parse_policy(s)) for s in specs]
