@@ -128,7 +128,7 @@ def test_refuses_foreign_predictors(tiny, images, prompts, tmp_path):
         run(tiny, images, prompts, f"dyrate:predictor={other}")
 
 
-def test_refuses_non_safetensors(tmp_path):
+def test_refuses_non_safetensors(tmp_path, tiny):
     pt = tmp_path / "p.pt"
     torch.save({"x": torch.zeros(1)}, pt)
     with pytest.raises(CheckpointError, match="must be a .safetensors file"):
@@ -145,8 +145,13 @@ def test_refuses_non_safetensors(tmp_path):
         parse_policy(f"dyrate:predictor={bare}")
     with pytest.raises(CheckpointError, match="no such predictor file"):
         parse_policy(f"dyrate:predictor={tmp_path / 'missing.safetensors'}")
-    with pytest.raises(PolicySpecError, match="predictor=FILE is required"):
-        parse_policy("dyrate:k=2")
+    # no predictor=: the one shipped for the built-in model, which refuses another model
+    from dyrate.testbed.shipped import predictor_path
+
+    assert parse_policy("dyrate:k=2").predictor == str(predictor_path("mlp"))
+    assert parse_policy("dyrate-rnn").predictor == str(predictor_path("gru"))
+    with pytest.raises((PolicySpecError, CheckpointError), match="predictor"):
+        parse_policy("dyrate:k=2").check_model(tiny[0])
 
 
 def test_cli_generate_errors(tiny_dir, images, tmp_path, capsys):

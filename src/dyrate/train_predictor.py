@@ -71,6 +71,7 @@ class TrainConfig:
     budget_weight: float = 10.0
     tau_start: float = 1.0
     tau_end: float = 0.1
+    straight_through: bool = False  # forward the hard (one-hot) bin, backpropagate the soft one
     eps: float = 1e-6
     seed: int = 0
     objective: str = "kl"  # fit term: "kl" to the full model on its own answers, or "ce" on reference answers
@@ -173,8 +174,11 @@ def shares_of(c: Cached) -> torch.Tensor:
     return c.probe @ onehot
 
 
-def pruned_logprobs(model, c: Cached, p: torch.Tensor, bank: torch.Tensor, k: int, eps: float) -> torch.Tensor:
-    """Layers >= K under the soft mask of bin probabilities p (T, B): log-probabilities (T, V)."""
+def pruned_logprobs(model, c: Cached, p: torch.Tensor, bank: torch.Tensor, k: int, eps: float,
+                    hard: torch.Tensor | None = None) -> torch.Tensor:
+    """Layers >= K under the soft mask of bin probabilities p (T, B): log-probabilities (T, V).
+    hard: one-hot bins (T, B) for a straight-through pass: the logits get the hard mask's bias in
+    the forward pass and the soft mask's gradient in the backward pass."""
     adapter = adapter_for(model)
     device = next(model.parameters()).device
     hidden = c.hidden.to(device)
@@ -183,8 +187,12 @@ def pruned_logprobs(model, c: Cached, p: torch.Tensor, bank: torch.Tensor, k: in
     rank = ranks(c.probe.to(device)[:, img])  # (T, N_img)
     m = soft_mask(p.to(device), rank, bank.to(device))  # (T, N_img)
     step_of = (torch.arange(length, device=device) - (n_prompt - 1)).clamp(min=0)  # (L,) step of each query
+    bias = torch.log(m + eps)  # (T, N_img)
+    if hard is not None:
+        hard_bias = torch.log(soft_mask(hard.to(device), rank, bank.to(device)) + eps)
+        bias = hard_bias - bias.detach() + bias  # value: hard mask; gradient: soft mask
     add = torch.zeros(length, length, device=device, dtype=m.dtype)
-    add[:, img] = torch.log(m[step_of] + eps)  # (L, N_img): prompt queries use the step-0 mask
+    add[:, img] = bias[step_of]  # (L, N_img): prompt queries use the step-0 mask
     add[img, img] = 0.0  # an image token always sees itself (engine: the query's own slot)
     mask = (_causal(length, device) + add).to(hidden.dtype)[None, None]  # (1, 1, L, L)
     position_ids = torch.arange(length, device=device)[None]
@@ -212,7 +220,9 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
     x = feature_vector(shares_of(c).to(device), torch.arange(c.n_steps, device=device), predictor.config.features)
     logits = predictor.forward_sequence(x[None])[0]  # (T, B)
     p = gumbel_softmax(logits, tau, generator)  # (T, B)
-    logp = pruned_logprobs(model, c, p, bank, cfg.k, cfg.eps)  # (T, V)
+    # straight-through: the pass sees the hard mask inference uses, gradients come from the soft one
+    hard = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype) if cfg.straight_through else None  # (T, B)
+    logp = pruned_logprobs(model, c, p, bank, cfg.k, cfg.eps, hard)  # (T, V)
     teacher = c.teacher.to(logp.device)
     kl = (teacher.exp() * (teacher - logp)).sum(-1).mean()
     if cfg.objective == "ce":
@@ -332,7 +342,7 @@ def _load_state(path: Path, predictor: RatePredictor, opt: torch.optim.Optimizer
     if STATE_KEY not in meta:
         raise CheckpointError(f"{path}: not a dyrate training state")
     m = json.loads(meta[STATE_KEY])
-    saved = {"objective": "kl", **{k: v for k, v in m["config"].items() if k != "steps"}}  # states before ce: kl
+    saved = {"objective": "kl", "straight_through": False, **{k: v for k, v in m["config"].items() if k != "steps"}}  # older states
     here = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "steps"}
     if saved != here:
         diff = ", ".join(f"{k}={saved.get(k)} (now {here[k]})" for k in here if saved.get(k) != here[k])

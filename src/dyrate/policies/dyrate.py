@@ -1,7 +1,8 @@
 """DyRate (learned rate): at every step a predictor maps the probe's share vector (sys, img, ins, res)
 to logits over B reduction rates {0, 1/B, ..., (B-1)/B}; the argmax bin i keeps
 ceil((1 - i/B) * n_img) image tokens from layer K on. `dyrate:k=K,predictor=FILE` uses an MLP on the
-current share vector; `dyrate-rnn` (dyrate_rnn.py) a GRU over the last N share vectors.
+current share vector; `dyrate-rnn` (dyrate_rnn.py) a GRU over the last N share vectors. Without
+predictor=, the predictor shipped for the built-in testbed model is used (`dyrate.testbed.shipped`).
 
 The predictor file (see `dyrate.predictor`) is read when the policy is built. Checks: its arch, its
 probe layer K (k= may be left out: the predictor's own K is used), `validate(n_layers)` against the
@@ -33,8 +34,10 @@ class DyRate(Policy):
         from ..predictor import RatePredictor, check_predictor, load_predictor
 
         if self.model is None:
-            if not self.predictor:
-                raise PolicySpecError(f"{self.name}: predictor=FILE is required (a .safetensors file from dyrate train-predictor)")
+            if not self.predictor:  # the predictor shipped for the built-in testbed model
+                from ..testbed.shipped import predictor_path
+
+                object.__setattr__(self, "predictor", str(predictor_path(self.arch)))
             object.__setattr__(self, "model", load_predictor(self.predictor))
         if not isinstance(self.model, RatePredictor):
             raise PolicySpecError(f"{self.name}: model must be a RatePredictor")
