@@ -13,7 +13,7 @@ from dyrate.api import build_prompt
 from dyrate.cli import main
 from dyrate.engine import Engine
 from dyrate.policies import parse_policy
-from dyrate.predictor import load_predictor, new_predictor
+from dyrate.predictor import feature_vector, load_predictor, new_predictor
 from dyrate.soft_mask import mask_bank
 from dyrate.train_predictor import (
     TrainConfig,
@@ -267,3 +267,25 @@ def test_straight_through_forward_is_the_hard_mask(tiny, cached):
         torch.testing.assert_close(st.detach(), want, atol=2e-4, rtol=1e-4)
         st[torch.arange(c.n_steps), torch.tensor(c.response)].sum().backward()
     assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
+
+
+def test_oracle_bins_and_objective(tiny, cached):
+    """Oracle bins: every bin passes an infinite KL threshold, none a negative one, and a finite one
+    gives per-step bins between; the oracle objective is the cross-entropy to them."""
+    from dyrate.train_predictor import oracle_bins
+
+    model = tiny[0]
+    c = cached[1]
+    with frozen(model):
+        assert (oracle_bins(model, c, 10, K, 1e-6, float("inf")) == 9).all()
+        assert (oracle_bins(model, c, 10, K, 1e-6, -1.0) == 0).all()
+        mid = oracle_bins(model, c, 10, K, 1e-6, 1e-3)
+    assert mid.shape == (c.n_steps,) and ((mid >= 0) & (mid <= 9)).all()
+    c.oracle = mid
+    cfg = TrainConfig(arch="mlp", k=K, lam=0.0, objective="oracle")
+    pred = new_predictor("mlp", k=K, model=model)
+    loss, info = sequence_loss(model, pred, c, cfg, tau=1.0, generator=None)
+    x = feature_vector(shares_of(c), torch.arange(c.n_steps), pred.config.features)
+    want = torch.nn.functional.cross_entropy(pred.forward_sequence(x[None])[0], mid)
+    assert info["fit"] == pytest.approx(float(want.detach()), rel=1e-5) and loss.requires_grad
+    c.oracle = None

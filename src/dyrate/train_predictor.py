@@ -52,7 +52,7 @@ from .predictor import (
 from .soft_mask import expected_keep, mask_bank, ranks, soft_mask
 
 STATE_KEY = "dyrate_train"
-OBJECTIVES = ("kl", "ce")
+OBJECTIVES = ("kl", "ce", "oracle")
 
 
 @dataclass
@@ -74,7 +74,9 @@ class TrainConfig:
     straight_through: bool = False  # forward the hard (one-hot) bin, backpropagate the soft one
     eps: float = 1e-6
     seed: int = 0
-    objective: str = "kl"  # fit term: "kl" to the full model on its own answers, or "ce" on reference answers
+    objective: str = "kl"  # fit term: "kl" to the full model on its own answers, "ce" on reference answers,
+    # or "oracle": cross-entropy to each step's oracle bin (the most pruning whose KL stays <= oracle_kl)
+    oracle_kl: float = 0.02
 
     def __post_init__(self):
         self.features = tuple(self.features)
@@ -111,6 +113,7 @@ class Cached:
     n_prompt: int  # P
     teacher: torch.Tensor  # (T, V) float32 log-probabilities of the full model
     response: list[int] = field(default_factory=list)  # the T response tokens (step t predicts response[t])
+    oracle: torch.Tensor | None = None  # (T,) long oracle bins (objective "oracle" only)
 
     @property
     def n_steps(self) -> int:
@@ -219,6 +222,12 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
     bank = mask_bank(cfg.bins, n_img, device)
     x = feature_vector(shares_of(c).to(device), torch.arange(c.n_steps, device=device), predictor.config.features)
     logits = predictor.forward_sequence(x[None])[0]  # (T, B)
+    if cfg.objective == "oracle":  # supervised: no pruned pass needed
+        fit = F.cross_entropy(logits, c.oracle.to(device))
+        keep = expected_keep(logits.softmax(-1), bank).mean()
+        loss = fit + (cfg.lam * keep if cfg.lam is not None else cfg.budget_weight * (keep - cfg.target_keep) ** 2)
+        parts = {"loss": loss, "fit": fit, "kl": torch.tensor(float("nan")), "keep": keep}
+        return loss, {key: float(v.detach()) for key, v in parts.items()}
     p = gumbel_softmax(logits, tau, generator)  # (T, B)
     # straight-through: the pass sees the hard mask inference uses, gradients come from the soft one
     hard = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype) if cfg.straight_through else None  # (T, B)
@@ -235,6 +244,25 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
     loss = fit + penalty
     parts = {"loss": loss, "fit": fit, "kl": kl, "keep": keep}
     return loss, {key: float(v.detach()) for key, v in parts.items()}
+
+
+@torch.no_grad()
+def oracle_bins(model, c: Cached, bins: int, k: int, eps: float, max_kl: float) -> torch.Tensor:
+    """(T,) long: for every response step, the largest bin i such that pruning every step at bins
+    1..i (hard masks, one pass per bin) keeps that step's KL to the full model <= max_kl (0 if
+    even bin 1 does not). The target of the "oracle" objective: how much each step could drop."""
+    n_img = len(c.img_cols)
+    bank = mask_bank(bins, n_img, c.teacher.device)
+    teacher = c.teacher
+    best = torch.zeros(c.n_steps, dtype=torch.long)
+    alive = torch.ones(c.n_steps, dtype=torch.bool)
+    for i in range(1, bins):
+        p = F.one_hot(torch.full((c.n_steps,), i), bins).float()  # (T, B)
+        logp = pruned_logprobs(model, c, p, bank, k, eps).cpu()  # (T, V)
+        kl = (teacher.exp() * (teacher - logp)).sum(-1)  # (T,)
+        alive &= kl <= max_kl
+        best = torch.where(alive, i, best)
+    return best
 
 
 # ---------------------------------------------------------------- data
@@ -404,9 +432,17 @@ def _train(model, processor, images, prompts, answers, cfg, out, max_new_tokens,
         else:
             responses = greedy_responses(model, processor, images, prompts, max_new_tokens)
         cache = [prepare(model, processor, im, pr, resp, cfg.k) for im, pr, resp in zip(images, prompts, responses)]
+        if cfg.objective == "oracle":
+            for c in cache:
+                c.oracle = oracle_bins(model, c, cfg.bins, cfg.k, cfg.eps, cfg.oracle_kl)
         if log:
             log(f"{len(cache)} teacher-forced sequences, {sum(c.n_steps for c in cache)} response steps "
                 f"({time.time() - t0:.1f} s)")
+            if cfg.objective == "oracle":
+                bins = torch.cat([c.oracle for c in cache])
+                keep = mask_bank(cfg.bins, len(cache[0].img_cols)).float().mean(1)[bins].mean()
+                log(f"oracle bins (KL <= {cfg.oracle_kl}): mean bin {bins.float().mean():.2f}, "
+                    f"kept fraction {keep:.3f}, histogram {torch.bincount(bins, minlength=cfg.bins).tolist()}")
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train-predictor", unit="step")
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     for step in range(start, end):

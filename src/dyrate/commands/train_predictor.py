@@ -32,9 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     obj = p.add_mutually_exclusive_group(required=True)
     obj.add_argument("--target-keep", type=float, default=None, help="budget: target mean fraction of image tokens kept")
     obj.add_argument("--lambda", dest="lam", type=float, default=None, help="weight of the mean expected kept fraction")
-    p.add_argument("--objective", choices=("kl", "ce"), default="kl",
-                   help="fit term: kl = KL to the unpruned model on its own greedy answers (no labels needed); "
-                        "ce = cross-entropy on the reference answers of the data (default kl)")
+    p.add_argument("--objective", choices=("kl", "ce", "oracle"), default="kl",
+                   help="kl: KL to the unpruned model on its own answers (default); ce: cross-entropy on the data's "
+                        "reference answers; oracle: cross-entropy to each step's oracle bin (the most pruning that keeps "
+                        "that step's KL <= --oracle-kl), usually with --lambda 0")
+    p.add_argument("--oracle-kl", type=float, default=0.02, help="KL threshold of the oracle objective (default 0.02)")
     p.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps in total (default 200)")
     p.add_argument("--k", type=int, default=2, help="first pruned layer K; the probe reads layer K-1 (default 2)")
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(arch=args.arch, k=args.k, bins=args.bins, history=args.history, hidden=args.hidden,
                       features=features, steps=args.steps, batch=args.batch, lr=args.lr, lam=args.lam,
                       target_keep=args.target_keep, budget_weight=args.budget_weight, tau_start=args.tau_start,
-                      tau_end=args.tau_end, straight_through=args.straight_through, seed=args.seed, objective=args.objective)
+                      tau_end=args.tau_end, straight_through=args.straight_through, seed=args.seed, objective=args.objective,
+                      oracle_kl=args.oracle_kl)
     if not args.out.endswith(".safetensors"):
         raise InputError(f"--out {args.out!r} must end in .safetensors")
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
