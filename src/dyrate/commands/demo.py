@@ -89,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     for col in ("policy", "image tokens kept", "FLOPs prefill", "FLOPs cached", "time (s)"):
         cost.add_column(col, no_wrap=col == "policy", justify="left" if col == "policy" else "right")
     images = [image] * len(prompts)
-    generate(model, processor, images[:1], prompts[:1], max_new_tokens=2)  # warm-up, not timed
     for policy in policies:
+        generate(model, processor, images, prompts, policy=policy, max_new_tokens=args.max_new_tokens)  # warm-up
         start = time.perf_counter()
         results = generate(model, processor, images, prompts, policy=policy, max_new_tokens=args.max_new_tokens)
         elapsed = time.perf_counter() - start
@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(answers)
     console.print(cost)
     console.print(
-        "One generate call per policy (the three prompts as a batch of 3). 'image tokens kept': image tokens "
+        "Time: one generate call per policy (the three prompts as a batch of 3), after an untimed warm-up call. "
+        "'image tokens kept': image tokens "
         "retained, averaged over the pruned layers and all steps; FLOPs: decoder only, FFN as 2dm, mean over the "
         "three rows (docs/flops.md)."
     )

@@ -107,7 +107,6 @@ def run(args: argparse.Namespace) -> int:
             raise InputError("--do-sample and --num-beams > 1 cannot be combined")
         decoding.update({"do_sample": True, "seed": 0, **sampling})
     state = _state(args.device)
-    is_main = state is None or state.is_main_process
     config = EvalConfig(
         task=args.task,
         data=args.data,
