@@ -62,3 +62,15 @@ def test_training_stream_deterministic_and_mixed():
     assert exs == [sample_example(1000 + i) for i in range(200)]
     tasks = {e.task for e in exs}
     assert tasks == {"caption", "qa", "pope"}
+
+
+def test_task_weights_mixture():
+    from dyrate.errors import InputError
+    from dyrate.testbed.data import TASK_WEIGHTS, parse_task_weights
+
+    assert [sample_example(5000 + i) for i in range(50)] == [sample_example(5000 + i, dict(TASK_WEIGHTS)) for i in range(50)]
+    qa_only = parse_task_weights("caption=0,qa=1,pope=0")
+    assert {sample_example(5000 + i, qa_only).task for i in range(50)} == {"qa"}
+    for bad in ("caption=1,qa=1", "caption=x,qa=1,pope=1", "caption=-1,qa=1,pope=1", "caption=0,qa=0,pope=0"):
+        with pytest.raises(InputError, match="--task-weights"):
+            parse_task_weights(bad)

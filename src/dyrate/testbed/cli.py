@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--drop-background-first", type=float, default=0.0,
         help="fraction of the dropout examples that hide background patches first instead of uniformly random ones [0]",
     )
+    p.add_argument("--task-weights", default=None,
+                   help="training mixture, e.g. caption=0.2,qa=0.5,pope=0.3 (default caption=0.4,qa=0.4,pope=0.2)")
     p.add_argument("--init", type=Path, default=None, help="warm start from the weights of an earlier run's --out (new optimizer and LR schedule)")
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints [300]")
@@ -155,6 +157,7 @@ def _run_train(args) -> int:
         drop_prob=args.drop_prob,
         drop_max_rate=args.drop_max_rate,
         drop_background_first=args.drop_background_first,
+        task_weights=args.task_weights,
         bf16=not args.no_bf16,
         save_every_s=args.save_every,
         progress=not args.quiet,

@@ -40,11 +40,13 @@ class Example:
     answer: str
 
 
-def sample_example(scene_seed: int) -> Example:
-    """One (scene, question, answer) training example, deterministic from the scene seed."""
+def sample_example(scene_seed: int, task_weights: dict[str, float] | None = None) -> Example:
+    """One (scene, question, answer) training example, deterministic from the scene seed (and the
+    task mixture, TASK_WEIGHTS unless given)."""
+    weights = TASK_WEIGHTS if task_weights is None else task_weights
     scene = sample_scene(scene_seed)
     rng = random.Random(scene_seed ^ 0x5EED)
-    task = rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()))[0]
+    task = rng.choices(list(weights), weights=list(weights.values()))[0]
     if task == "caption":
         style = rng.choice(list(L.CAPTION_PROMPTS))
         return Example(scene, task, L.CAPTION_PROMPTS[style], L.caption(scene, style))
@@ -116,3 +118,20 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def read_jsonl(path: Path) -> list[dict]:
     with Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def parse_task_weights(text: str) -> dict[str, float]:
+    """'caption=0.2,qa=0.5,pope=0.3' -> {task: weight}; every task of TASK_WEIGHTS must be named."""
+    from ..errors import InputError
+
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        name, eq, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value) if eq else float("nan")
+        except ValueError:
+            raise InputError(f"--task-weights {text!r}: {item!r} is not TASK=WEIGHT") from None
+    if set(out) != set(TASK_WEIGHTS) or any(not w >= 0 for w in out.values()) or sum(out.values()) <= 0:
+        raise InputError(f"--task-weights {text!r}: give a weight >= 0 for each of {', '.join(TASK_WEIGHTS)}, e.g. "
+                         "caption=0.2,qa=0.5,pope=0.3")
+    return {t: out[t] for t in TASK_WEIGHTS}

@@ -35,7 +35,7 @@ from transformers import LlavaForConditionalGeneration
 
 from ..errors import CheckpointError, InputError
 from .configs import build_config, get_spec
-from .data import sample_example, train_scene_seed
+from .data import parse_task_weights, sample_example, train_scene_seed
 from .processing import EOS, IMAGE, build_processor, pixel_values
 from .scenes import COLOUR_NAMES, POSITIONS, SHAPES, SIZES, patch_labels, render
 
@@ -61,6 +61,7 @@ class TrainArgs:
     drop_prob: float = 0.0  # image-token dropout: fraction of examples that get it (see sample_dropout)
     drop_max_rate: float = 0.9  # ... and the largest fraction of image tokens hidden
     drop_background_first: float = 0.0  # ... and the fraction of those that hide background patches first
+    task_weights: str | None = None  # e.g. "caption=0.2,qa=0.5,pope=0.3" (default: data.TASK_WEIGHTS)
     bf16: bool = True  # bf16 autocast (fast on CPUs with AMX / AVX512-BF16)
     save_every_s: float = 300.0
     log_every: int = 10
@@ -84,6 +85,8 @@ class TrainArgs:
                 f"--drop-prob and --drop-background-first must lie in [0, 1] and --drop-max-rate in [0, 1), "
                 f"got {self.drop_prob}, {self.drop_background_first}, {self.drop_max_rate}"
             )
+        if self.task_weights is not None:
+            parse_task_weights(self.task_weights)
         if self.init is not None and not (Path(self.init) / STATE_DIR / "model.safetensors").is_file():
             raise InputError(f"--init {self.init}: no {STATE_DIR}/model.safetensors there (give the --out of an earlier run)")
 
@@ -124,8 +127,9 @@ class BatchBuilder:
     """Turns examples into padded tensors: ids = bos sys 'user :' <image>*N question
     'assistant :' answer eos; labels are -100 except on answer and eos."""
 
-    def __init__(self, processor, config_name: str):
+    def __init__(self, processor, config_name: str, task_weights: dict[str, float] | None = None):
         self.spec = get_spec(config_name)
+        self.task_weights = task_weights
         self.tok = processor.tokenizer
         self.image_id = self.tok.convert_tokens_to_ids(IMAGE)
         self.eos_id = self.tok.convert_tokens_to_ids(EOS)
@@ -144,7 +148,7 @@ class BatchBuilder:
     def build(self, scene_seeds: list[int]) -> dict[str, torch.Tensor]:
         ids, labels, images, targets = [], [], [], []
         for s in scene_seeds:
-            ex = sample_example(s)
+            ex = sample_example(s, self.task_weights)
             image, label_map = render(ex.scene, self.spec.image_size, with_labels=True)
             i, l = self.encode(ex.question, ex.answer)
             ids.append(i)
@@ -439,7 +443,7 @@ def train(args: TrainArgs) -> dict:
         print(f"initialised from {args.init}: {counts['loaded']} tensors loaded, {counts['fresh']} new", flush=True)
     step = state["step"] if state else 0
     elapsed = state["elapsed_s"] if state else 0.0
-    builder = BatchBuilder(processor, args.config)
+    builder = BatchBuilder(processor, args.config, None if args.task_weights is None else parse_task_weights(args.task_weights))
     log_path = out / "train_log.jsonl"
 
     def progress() -> float:
@@ -501,6 +505,7 @@ def train(args: TrainArgs) -> dict:
         "drop_prob": args.drop_prob,
         "drop_max_rate": args.drop_max_rate,
         "drop_background_first": args.drop_background_first,
+        "task_weights": args.task_weights,
         "final_loss_ema": ema,
         "parameters": sum(p.numel() for p in model.parameters()),
         "torch_threads": torch.get_num_threads(),
