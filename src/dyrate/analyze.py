@@ -64,7 +64,7 @@ def attention_shares(
                 progress(len(results))
         means = {g: [s[j] / c for s, c in zip(sums, count)] for j, g in enumerate(GROUPS)}
         out["layers"][layer] = {"count": count, **means}
-        out["texts"] = texts  # the same for every layer: nothing is pruned
+        out["texts"] = out["texts"] or texts  # the same for every layer: nothing is pruned
     return out
 
 

@@ -213,6 +213,11 @@ def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator 
     return ((logits - torch.log(-torch.log(u))) / tau).softmax(-1)
 
 
+def _penalty(cfg: TrainConfig, keep: torch.Tensor) -> torch.Tensor:
+    """The compute term: lambda * mean expected kept fraction, or the squared budget penalty."""
+    return cfg.lam * keep if cfg.lam is not None else cfg.budget_weight * (keep - cfg.target_keep) ** 2
+
+
 def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, tau: float,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one sequence (differentiable w.r.t. the predictor) and its parts: fit is the term optimised
@@ -225,7 +230,7 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
     if cfg.objective == "oracle":  # supervised: no pruned pass needed
         fit = F.cross_entropy(logits, c.oracle.to(device))
         keep = expected_keep(logits.softmax(-1), bank).mean()
-        loss = fit + (cfg.lam * keep if cfg.lam is not None else cfg.budget_weight * (keep - cfg.target_keep) ** 2)
+        loss = fit + _penalty(cfg, keep)
         parts = {"loss": loss, "fit": fit, "kl": torch.tensor(float("nan")), "keep": keep}
         return loss, {key: float(v.detach()) for key, v in parts.items()}
     p = gumbel_softmax(logits, tau, generator)  # (T, B)
@@ -240,8 +245,7 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
     else:
         fit = kl
     keep = expected_keep(p, bank).mean().to(kl.device)
-    penalty = cfg.lam * keep if cfg.lam is not None else cfg.budget_weight * (keep - cfg.target_keep) ** 2
-    loss = fit + penalty
+    loss = fit + _penalty(cfg, keep)
     parts = {"loss": loss, "fit": fit, "kl": kl, "keep": keep}
     return loss, {key: float(v.detach()) for key, v in parts.items()}
 
