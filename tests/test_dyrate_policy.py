@@ -71,11 +71,12 @@ def test_bin_i_equals_fixed(tiny, images, prompts, tmp_path, arch, mode, bin_):
         assert a.flops == b.flops
 
 
-@pytest.mark.parametrize("arch,history", [("mlp", 1), ("gru", 3), ("gru", 0)])
+@pytest.mark.parametrize("arch,history,extra", [("mlp", 1, ()), ("gru", 3, ()), ("gru", 0, ()), ("mlp", 1, ("hidden",)),
+                                                ("gru", 3, ("hidden",))])
 @pytest.mark.parametrize("mode", ["evict", "mask"])
-def test_random_predictor_rows_equal_alone_and_beams(tiny, images, prompts, tmp_path, arch, history, mode):
+def test_random_predictor_rows_equal_alone_and_beams(tiny, images, prompts, tmp_path, arch, history, extra, mode):
     """An untrained predictor varies its rate; batch rows must still equal rows alone, beams must run."""
-    pred = new_predictor(arch, k=K, history=history, model=tiny[0], features=("shares", "step"), seed=3)
+    pred = new_predictor(arch, k=K, history=history, model=tiny[0], features=("shares", "step", *extra), seed=3)
     with torch.no_grad():  # spread the logits so the argmax moves with the shares
         head = pred.net[-1] if arch == "mlp" else pred.head
         head.weight.mul_(50.0)
@@ -171,3 +172,30 @@ def test_cli_generate_errors(tiny_dir, images, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert out  # the JSON parses
+
+
+def test_hidden_feature_reads_the_state_after_layer_k_minus_1(tiny, vanilla, images, prompts, tmp_path):
+    """A predictor that looks only at the hidden state decides at prefill from the last prompt
+    token's output of layer K-1, computed here independently by plain transformers."""
+    from dyrate.api import build_prompt
+    from dyrate.predictor import feature_vector
+
+    model, processor = tiny
+    pred = new_predictor("mlp", k=K, model=model, features=("shares", "hidden"), seed=6)
+    with torch.no_grad():
+        pred.net[0].weight[:, :4].zero_()  # blind to the shares
+        pred.net[0].weight.mul_(20.0)
+        pred.net[-1].weight.mul_(50.0)
+    path = write(pred, tmp_path / "h.safetensors")
+    ours = run(tiny, images, prompts, f"dyrate:predictor={path}", "evict", n=3, max_new_tokens=2)
+    vmodel, vproc = vanilla
+    wants = []
+    for r, image, prompt in zip(ours, images, prompts):
+        batch = vproc(images=[image], text=[build_prompt(vproc, prompt)], return_tensors="pt")
+        with torch.no_grad():
+            states = vmodel(**batch, output_hidden_states=True).hidden_states  # embeddings, then one per layer
+            x = feature_vector(torch.zeros(1, 4), 0, pred.config.features, states[K][:, -1])
+            want = float(pred(x).argmax(-1)) / 10
+        assert r.trace[0]["rate"][0] == pytest.approx(want)
+        wants.append(want)
+    assert len(set(wants)) > 1, wants  # the decision really follows the hidden state

@@ -289,3 +289,92 @@ def test_oracle_bins_and_objective(tiny, cached):
     want = torch.nn.functional.cross_entropy(pred.forward_sequence(x[None])[0], mid)
     assert info["fit"] == pytest.approx(float(want.detach()), rel=1e-5) and loss.requires_grad
     c.oracle = None
+
+
+def test_hidden_feature_matches_engine_step_for_step(tiny, images, prompts, cached, tmp_path):
+    """Feature `hidden` (the newest token's state after layer K-1): the teacher-forced pass feeds
+    the predictor what the engine feeds it at every step, so their decisions agree step for step;
+    and with it the rate varies within a sequence, gradients reach the predictor."""
+    from dyrate.predictor import save_predictor
+    from dyrate.train_predictor import step_hidden
+
+    model, processor = tiny
+    features = ("shares", "step", "hidden")
+    pred = new_predictor("mlp", k=K, model=model, features=features, seed=5)
+    assert pred.config.model_dim == model.config.get_text_config().hidden_size
+    assert pred.config.in_dim == 5 + pred.config.model_dim
+    with torch.no_grad():  # spread the logits so the argmax moves with the inputs
+        pred.net[-1].weight.mul_(50.0)
+    path = save_predictor(pred, tmp_path / "h.safetensors")
+    assert load_predictor(path).config == pred.config
+    seen = set()
+    for c, image, prompt in zip(cached, images, prompts):
+        h = step_hidden(c)  # (T, d)
+        assert h.shape == (c.n_steps, pred.config.model_dim)
+        with torch.no_grad():
+            x = feature_vector(shares_of(c), torch.arange(c.n_steps), features, h)
+            want = pred(x).argmax(-1).float() / 10  # (T,)
+        _, state = engine_forced(model, processor, image, prompt, c.response, f"dyrate:k={K},predictor={path}", "mask")
+        got = torch.stack([r["rate"][0, 0] for r in state.records])  # (T,)
+        assert torch.equal(got, want)
+        seen |= set(want.tolist())
+    assert len(seen) > 1, seen
+    cfg = TrainConfig(k=K, lam=0.5, features=features)
+    with frozen(model):
+        loss, _ = sequence_loss(model, pred, cached[0], cfg, tau=0.7, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+    first = pred.net[0].weight.grad  # (hidden, F)
+    assert first is not None and float(first[:, 5:].abs().sum()) > 0  # through the hidden-state inputs
+
+
+def test_hidden_feature_needs_its_dimension(tiny):
+    from dyrate.errors import CheckpointError, PolicySpecError
+    from dyrate.predictor import PredictorConfig, check_predictor
+
+    with pytest.raises(PolicySpecError, match="needs the decoder's hidden size"):
+        PredictorConfig(features=("shares", "hidden"))
+    with pytest.raises(PolicySpecError, match="repeated"):
+        PredictorConfig(features=("shares", "step", "step"))
+    pred = new_predictor("mlp", k=K, features=("shares", "hidden"), model_dim=7)
+    with pytest.raises(PolicySpecError, match="hidden state; none was given"):
+        feature_vector(torch.rand(2, 4), 0, pred.config.features)
+    # fingerprint of this model but another state width: refused before generating
+    import dataclasses
+
+    good = new_predictor("mlp", k=K, features=("shares", "hidden"), model=tiny[0])
+    bad = type(good)(dataclasses.replace(good.config, model_dim=good.config.model_dim + 1))
+    with pytest.raises(CheckpointError, match="hidden states"):
+        check_predictor(tiny[0], bad)
+    check_predictor(tiny[0], good)
+
+
+def test_oracle_from_kls_by_hand():
+    from dyrate.train_predictor import oracle_from_kls
+
+    kls = torch.tensor([[0.0, 0.01, 0.02, 0.5],   # bins 1, 2 within 0.02, bin 3 not -> 2
+                        [0.0, 0.03, 0.01, 0.01],  # bin 1 already over -> 0 (later bins do not count)
+                        [0.0, 0.0, 0.0, 0.0]])    # every bin -> 3
+    assert oracle_from_kls(kls, 0.02).tolist() == [2, 0, 3]
+    assert oracle_from_kls(kls, -1.0).tolist() == [0, 0, 0]
+
+
+def test_train_on_a_shared_cache(tiny, images, prompts, tmp_path):
+    """build_cache once, then two oracle thresholds: the per-bin KLs are reused, the labels follow
+    the threshold, and train() writes a working predictor from the given cache."""
+    from dyrate.train_predictor import build_cache, label_oracle
+
+    model, processor = tiny
+    cfg = TrainConfig(arch="mlp", k=K, lam=0.0, objective="oracle", oracle_kl=float("inf"), steps=3, batch=2,
+                      features=("shares", "hidden"))
+    cache = build_cache(model, processor, images, prompts, cfg, max_new_tokens=6)
+    assert all((c.oracle == 9).all() and c.bin_kl.shape == (c.n_steps, 10) for c in cache)
+    kls = [c.bin_kl for c in cache]
+    cfg2 = TrainConfig(arch="mlp", k=K, lam=0.0, objective="oracle", oracle_kl=-1.0, steps=3, batch=2,
+                       features=("shares", "hidden"))
+    label_oracle(model, cache, cfg2)
+    assert all((c.oracle == 0).all() for c in cache)
+    assert all(c.bin_kl is k for c, k in zip(cache, kls))  # not recomputed
+    out = train(model, processor, images, prompts, cfg, tmp_path / "p.safetensors", progress=False, cache=cache)
+    assert out["finished"] and all((c.oracle == 9).all() for c in cache)  # relabelled at cfg's threshold
+    pred = load_predictor(out["out"])
+    assert pred.config.features == ("shares", "hidden")

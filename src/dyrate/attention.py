@@ -36,9 +36,9 @@ def _scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, s
     b, h, _, d = query.shape
     h_kv = key.shape[1]
     q = query[:, :, -1, :].reshape(b, h_kv, h // h_kv, d)  # (B, Hkv, rep, D)
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scaling  # (B, Hkv, rep, n)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scaling)  # (B, Hkv, rep, n), a fresh tensor
     if mask is not None:
-        scores = scores.masked_fill(~mask[:, :, -1, None, :], float("-inf"))  # mask row: (B, 1, 1, n)
+        scores.masked_fill_(~mask[:, :, -1, None, :], float("-inf"))  # mask row: (B, 1, 1, n)
     # The newest query is the last position, so without a mask it sees every key.
     return scores.softmax(dim=-1)
 

@@ -44,6 +44,7 @@ class Segment:
     valid: torch.Tensor  # (B, S) bool
     attend: torch.Tensor  # (B, S) bool
     dense: bool  # every slot valid and attended: masks can be skipped (SDPA is_causal / no mask)
+    groups: torch.Tensor | None = None  # (B, S) long, group of every slot (PAD for invalid slots)
     n_keys: torch.Tensor | None = None  # (B,) attended keys, kept up to date (see Engine._recount)
     n_img: torch.Tensor | None = None  # (B,) attended image keys
 
@@ -53,10 +54,12 @@ class Segment:
         self.col = torch.cat([self.col, self.col.new_full(ones.shape, new_col)], dim=1)
         self.valid = torch.cat([self.valid, ones], dim=1)
         self.attend = torch.cat([self.attend, ones], dim=1)
+        self.groups = torch.cat([self.groups, self.groups.new_full(ones.shape, RES)], dim=1)
         self.n_keys = self.n_keys + 1  # a generated token is never an image token
 
     def reorder(self, index: torch.Tensor) -> None:
         self.col, self.valid, self.attend = self.col[index], self.valid[index], self.attend[index]
+        self.groups = self.groups[index]
         self.n_keys, self.n_img = self.n_keys[index], self.n_img[index]
 
 
@@ -148,7 +151,7 @@ class Engine:
         row = None
         for s, seg in enumerate(state.segments):
             if row is not None:  # the previous segment probed: stage s may change its kept set
-                self._decide(state, s, row, record)
+                self._decide(state, s, row, hidden[:, -1], record)
             seg.append(new_col)
             hidden, row = self._run_layers(state, seg, hidden, q=1, record=record, s=s, pos=(position_ids, pos_emb))
         state.records.append(record)
@@ -203,12 +206,6 @@ class Engine:
         return (allowed | diag).unsqueeze(1)
 
     @staticmethod
-    def _slot_groups(state: DecodeState, seg: Segment) -> torch.Tensor:
-        """(B, S) group of every slot (PAD for invalid slots)."""
-        g = state.group.gather(1, seg.col.clamp(max=state.n_cols - 1))
-        return g.masked_fill(~seg.valid, PAD)
-
-    @staticmethod
     def _kept_bitmap(state: DecodeState, seg: Segment) -> torch.Tensor:
         """(B, C) bool over columns: True for the image columns `seg` attends and every other column."""
         b, c = state.group.shape
@@ -216,27 +213,35 @@ class Engine:
         bitmap.scatter_(1, torch.where(seg.attend, seg.col, c), True)  # column c collects the rest
         return bitmap[:, :c] | (state.group != IMG)
 
-    def _select(self, state: DecodeState, s: int, row: torch.Tensor, record, current: Segment | None):
+    def _select(self, state: DecodeState, s: int, row: torch.Tensor, hidden: torch.Tensor, record,
+                current: Segment | None):
         """Ask the policy for stage s (segment s). `row` (B, S_prev) is the probe over the slots of
-        segment s-1; `current` is segment s as it stands (None at prefill). Returns a (B, C) bitmap of
-        the columns stage s keeps, or None when the policy leaves the kept set as it is."""
+        segment s-1 and `hidden` (B, d) the newest query's state after it; `current` is segment s
+        as it stands (None at prefill). Returns a (B, C) bitmap of
+        the columns stage s keeps, or None when the policy leaves the kept set as it is.
+
+        This runs every decode step of a probing policy, so the cheap part (shares, counts, the
+        policy's target) comes first and the ranking only when some row must give tokens up."""
         prev = state.segments[s - 1]
         b = row.shape[0]
-        groups = self._slot_groups(state, prev)  # (B, S_prev)
-        shares = torch.zeros(b, 5, device=row.device).scatter_add_(1, groups, row)[:, :4]  # (B, 4)
+        shares = torch.zeros(b, 5, device=row.device).scatter_add_(1, prev.groups, row)[:, :4]  # (B, 4)
         record["shares"][:, s - 1] = shares
-        cand = (groups == IMG) & prev.attend  # image tokens the probe layer sees
-        if self.mode == "evict" and current is not None:  # evict: a token that left never returns
-            cand &= self._kept_bitmap(state, current).gather(1, prev.col)
-        probe = Probe(shares=shares, img_scores=row.masked_fill(~cand, 0.0), n_img=state.n_img,
-                      kept=cand.sum(1), step=state.step)
+        # Candidates: the image tokens the probe layer sees; in evict mode only those stage s still
+        # holds (a token that left never returns), so their count is segment s's (nested stages).
+        evict_now = self.mode == "evict" and current is not None
+        kept = current.n_img if evict_now else prev.n_img  # (B,)
+        probe = Probe(shares=shares, img_scores=None, n_img=state.n_img, kept=kept, step=state.step, hidden=hidden)
         target = self.policy.keep(s - 1, probe, state.policy_state)
         if target is None:
             return None
-        k = torch.minimum(target.to(row.device).clamp(min=0), probe.kept)  # (B,)
+        k = torch.minimum(target.to(row.device).clamp(min=0), kept)  # (B,)
         record["rate"][:, s - 1] = self.policy.rate(s - 1, probe, k, state.policy_state)
-        if current is not None and self.mode == "evict" and bool((k == probe.kept).all()):
+        if evict_now and bool((k == kept).all()):
             return None  # every row keeps all it still has: nothing to rank or evict
+        cand = (prev.groups == IMG) & prev.attend  # (B, S_prev)
+        if evict_now:
+            cand &= self._kept_bitmap(state, current).gather(1, prev.col)
+        probe.img_scores = row.masked_fill(~cand, 0.0)
         # rank the candidates by the policy's scores (default: attention; ties: earlier slot
         # first) and keep the top k of each row
         ranking = self.policy.scores(s - 1, probe, state.policy_state)  # (B, S_prev)
@@ -248,22 +253,19 @@ class Engine:
         bitmap.scatter_(1, torch.where(chosen, prev.col, c), True)
         return bitmap[:, :c] | (state.group != IMG)
 
-    @staticmethod
-    def _slot_groups(state: DecodeState, seg: Segment) -> torch.Tensor:
-        """(B, S) group of every slot (PAD for invalid slots)."""
-        g = state.group.gather(1, seg.col.clamp(max=state.n_cols - 1))
-        return g.masked_fill(~seg.valid, PAD)
-
     def _recount(self, state: DecodeState, seg: Segment) -> Segment:
-        """Refresh a segment's key counts after its slots or mask changed (not on the hot path)."""
+        """Refresh a segment's slot groups and key counts after its slots or mask changed (not on
+        the hot path)."""
+        g = state.group.gather(1, seg.col.clamp(max=state.n_cols - 1))
+        seg.groups = g.masked_fill(~seg.valid, PAD)  # (B, S)
         seg.n_keys = seg.attend.sum(1)
-        seg.n_img = ((self._slot_groups(state, seg) == IMG) & seg.attend).sum(1)
+        seg.n_img = ((seg.groups == IMG) & seg.attend).sum(1)
         return seg
 
     def _next_segment_prefill(self, state, prev: Segment, hidden, row, s, record, start, end):
         """Build segment s from segment s-1 between layers K_s - 1 and K_s of the prefill; in evict
         mode the pruned image tokens leave the hidden states here."""
-        bitmap = self._select(state, s, row, record, current=None)
+        bitmap = self._select(state, s, row, hidden[:, -1], record, current=None)  # left padded: -1 is the last prompt token
         keep = prev.attend if bitmap is None else prev.attend & bitmap.gather(1, prev.col)  # (B, S_prev)
         if self.mode == "mask":
             seg = Segment(start, end, prev.col, prev.valid, keep, dense=bool(keep.all()))
@@ -273,9 +275,10 @@ class Engine:
         seg = Segment(start, end, prev.col.gather(1, index), valid, valid, dense=bool(valid.all()))
         return self._recount(state, seg), hidden
 
-    def _decide(self, state: DecodeState, s: int, row: torch.Tensor, record) -> None:
-        """A decode-step decision for stage s: shrink (evict) or re-mask (mask) segments s, s+1, ..."""
-        bitmap = self._select(state, s, row, record, current=state.segments[s])
+    def _decide(self, state: DecodeState, s: int, row: torch.Tensor, hidden: torch.Tensor, record) -> None:
+        """A decode-step decision for stage s: shrink (evict) or re-mask (mask) segments s, s+1, ...
+        hidden: (B, d) the new token's state after segment s-1."""
+        bitmap = self._select(state, s, row, hidden, record, current=state.segments[s])
         if bitmap is None:
             return
         for t in range(s, len(state.segments)):

@@ -7,7 +7,11 @@ Two architectures:
   means an unbounded recurrence: the GRU's hidden state is carried from step to step.
 
 Features (`features`, in this order): `shares` (always, 4 values) and optionally `step`
-(log1p of the decode step; 0 at prefill).
+(log1p of the decode step; 0 at prefill) and `hidden` (the newest token's hidden state after the
+probe layer K-1, RMS-normalised without weights: `model_dim` values). `hidden` is our extension,
+not the paper's: it tells the predictor *which* token it is about to predict (after "a large" the
+model needs the image, after "at the" too, after "and" it does not), which the share vector alone
+does not (docs/dyrate.md).
 
 A predictor file is one safetensors file: the weights, plus a JSON object under the header's
 `dyrate` metadata key (arch, bins, probe layer k, features, history, hidden size and the model
@@ -27,7 +31,7 @@ from torch import nn
 from .errors import CheckpointError, PolicySpecError
 
 ARCHS = ("mlp", "gru")
-EXTRA_FEATURES = ("step",)
+EXTRA_FEATURES = ("step", "hidden")
 META_KEY = "dyrate"
 FORMAT_VERSION = 1
 
@@ -77,6 +81,7 @@ class PredictorConfig:
     history: int = 8  # gru: window length N (0: unbounded recurrence)
     hidden: int = 32
     fingerprint: dict | None = None  # model_fingerprint() of the model it was trained for
+    model_dim: int = 0  # the decoder's hidden size (feature `hidden` only)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -87,21 +92,32 @@ class PredictorConfig:
             raise PolicySpecError(f"predictor k={self.k}: the first pruned layer must be >= 1")
         if not self.features or self.features[0] != "shares" or any(f not in EXTRA_FEATURES for f in self.features[1:]):
             raise PolicySpecError(f"predictor features {list(self.features)}: expected 'shares' then any of {EXTRA_FEATURES}")
+        if len(set(self.features)) != len(self.features):
+            raise PolicySpecError(f"predictor features {list(self.features)}: a feature is repeated")
+        if "hidden" in self.features and self.model_dim < 1:
+            raise PolicySpecError("predictor feature 'hidden' needs the decoder's hidden size (model_dim)")
         if self.history < 0 or self.hidden < 1:
             raise PolicySpecError(f"predictor history={self.history}, hidden={self.hidden}: need history >= 0, hidden >= 1")
 
     @property
     def in_dim(self) -> int:
-        return 4 + len(self.features) - 1
+        return 4 + ("step" in self.features) + (self.model_dim if "hidden" in self.features else 0)
 
 
-def feature_vector(shares: torch.Tensor, step: torch.Tensor | int, features: tuple[str, ...]) -> torch.Tensor:
-    """(..., 4) shares (+ step: scalar or (...) tensor) -> (..., F) float32 predictor input."""
+def feature_vector(shares: torch.Tensor, step: torch.Tensor | int, features: tuple[str, ...],
+                   hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., 4) shares (+ step: scalar or (...) tensor; + hidden: (..., d) states after layer K-1)
+    -> (..., F) float32 predictor input."""
     parts = [shares.float()]
     for name in features[1:]:
         if name == "step":
             s = torch.as_tensor(step, dtype=torch.float32, device=shares.device)
             parts.append(torch.log1p(s).expand(shares.shape[:-1]).unsqueeze(-1))
+        elif name == "hidden":
+            if hidden is None:
+                raise PolicySpecError("this predictor reads the probe layer's hidden state; none was given")
+            h = hidden.float()
+            parts.append(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))  # (..., d), unit RMS
     return torch.cat(parts, dim=-1)
 
 
@@ -168,10 +184,14 @@ class RatePredictor(nn.Module):
 
 
 def new_predictor(arch: str = "mlp", bins: int = 10, k: int = 2, features=("shares",), history: int = 8,
-                  hidden: int = 32, model=None, seed: int = 0) -> RatePredictor:
-    """A freshly initialised predictor (fingerprint taken from `model` when given)."""
-    config = PredictorConfig(arch, bins, k, tuple(features), history, hidden,
-                             model_fingerprint(model) if model is not None else None)
+                  hidden: int = 32, model=None, seed: int = 0, model_dim: int | None = None) -> RatePredictor:
+    """A freshly initialised predictor (fingerprint and, for feature `hidden`, the decoder's hidden
+    size taken from `model` when given; `model_dim` overrides the latter)."""
+    fingerprint = model_fingerprint(model) if model is not None else None
+    if model_dim is None:
+        model_dim = fingerprint["hidden_size"] if fingerprint is not None else 0
+    model_dim = model_dim if "hidden" in features else 0
+    config = PredictorConfig(arch, bins, k, tuple(features), history, hidden, fingerprint, model_dim)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return RatePredictor(config)
@@ -254,6 +274,8 @@ def check_predictor(model, predictor: RatePredictor, k: int | None = None, bins:
         diff = [f"{key}={c.fingerprint.get(key)} (model: {here[key]})" for key in here
                 if key != "hash" and here[key] != c.fingerprint.get(key)]
         raise CheckpointError(f"{name} was trained for another model: {', '.join(diff) or 'fingerprint differs'}")
+    if "hidden" in c.features and c.model_dim != here["hidden_size"]:
+        raise CheckpointError(f"{name} reads {c.model_dim}-dim hidden states, the model's are {here['hidden_size']}")
     if c.k >= here["num_hidden_layers"]:
         raise PolicySpecError(f"{name}: k={c.k} must be < the decoder's {here['num_hidden_layers']} layers")
 

@@ -114,6 +114,7 @@ class Cached:
     teacher: torch.Tensor  # (T, V) float32 log-probabilities of the full model
     response: list[int] = field(default_factory=list)  # the T response tokens (step t predicts response[t])
     oracle: torch.Tensor | None = None  # (T,) long oracle bins (objective "oracle" only)
+    bin_kl: torch.Tensor | None = None  # (T, bins) KL to the full model at each hard bin (oracle only)
 
     @property
     def n_steps(self) -> int:
@@ -177,6 +178,11 @@ def shares_of(c: Cached) -> torch.Tensor:
     return c.probe @ onehot
 
 
+def step_hidden(c: Cached) -> torch.Tensor:
+    """(T, d) hidden state after layer K-1 of every response step's query (the `hidden` feature)."""
+    return c.hidden[0, c.n_prompt - 1 : c.n_prompt - 1 + c.n_steps]
+
+
 def pruned_logprobs(model, c: Cached, p: torch.Tensor, bank: torch.Tensor, k: int, eps: float,
                     hard: torch.Tensor | None = None) -> torch.Tensor:
     """Layers >= K under the soft mask of bin probabilities p (T, B): log-probabilities (T, V).
@@ -225,7 +231,8 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
     device = next(predictor.parameters()).device
     n_img = len(c.img_cols)
     bank = mask_bank(cfg.bins, n_img, device)
-    x = feature_vector(shares_of(c).to(device), torch.arange(c.n_steps, device=device), predictor.config.features)
+    x = feature_vector(shares_of(c).to(device), torch.arange(c.n_steps, device=device), predictor.config.features,
+                       step_hidden(c).to(device))  # (T, F)
     logits = predictor.forward_sequence(x[None])[0]  # (T, B)
     if cfg.objective == "oracle":  # supervised: no pruned pass needed
         fit = F.cross_entropy(logits, c.oracle.to(device))
@@ -251,22 +258,31 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
 
 
 @torch.no_grad()
-def oracle_bins(model, c: Cached, bins: int, k: int, eps: float, max_kl: float) -> torch.Tensor:
-    """(T,) long: for every response step, the largest bin i such that pruning every step at bins
-    1..i (hard masks, one pass per bin) keeps that step's KL to the full model <= max_kl (0 if
-    even bin 1 does not). The target of the "oracle" objective: how much each step could drop."""
+def bin_kls(model, c: Cached, bins: int, k: int, eps: float) -> torch.Tensor:
+    """(T, bins) KL of every response step's next-token distribution to the full model's when every
+    step is pruned at bin i (hard masks, one pass per bin; column 0, the full model, is 0)."""
     n_img = len(c.img_cols)
     bank = mask_bank(bins, n_img, c.teacher.device)
     teacher = c.teacher
-    best = torch.zeros(c.n_steps, dtype=torch.long)
-    alive = torch.ones(c.n_steps, dtype=torch.bool)
+    out = torch.zeros(c.n_steps, bins)
     for i in range(1, bins):
         p = F.one_hot(torch.full((c.n_steps,), i), bins).float()  # (T, B)
         logp = pruned_logprobs(model, c, p, bank, k, eps).cpu()  # (T, V)
-        kl = (teacher.exp() * (teacher - logp)).sum(-1)  # (T,)
-        alive &= kl <= max_kl
-        best = torch.where(alive, i, best)
-    return best
+        out[:, i] = (teacher.exp() * (teacher - logp)).sum(-1)
+    return out
+
+
+def oracle_from_kls(kls: torch.Tensor, max_kl: float) -> torch.Tensor:
+    """(T,) long: for every step the largest bin i such that bins 1..i all keep its KL <= max_kl
+    (0 if even bin 1 does not): how much each step could drop. kls: (T, bins) from `bin_kls`."""
+    ok = kls <= max_kl  # (T, bins)
+    ok[:, 0] = True  # bin 0 is the full model itself
+    return ok.long().cumprod(dim=1).sum(1) - 1  # cumprod: 1 while every bin so far is within
+
+
+def oracle_bins(model, c: Cached, bins: int, k: int, eps: float, max_kl: float) -> torch.Tensor:
+    """(T,) long oracle bins of one sequence (the target of the "oracle" objective)."""
+    return oracle_from_kls(bin_kls(model, c, bins, k, eps), max_kl)
 
 
 # ---------------------------------------------------------------- data
@@ -391,9 +407,11 @@ def _load_state(path: Path, predictor: RatePredictor, opt: torch.optim.Optimizer
 
 def train(model, processor, images, prompts, cfg: TrainConfig, out: str | Path, max_new_tokens: int = 24,
           save_every: int = 50, progress: bool = True, log: Callable[[str], None] | None = None,
-          stop_after: int | None = None, answers: list[str] | None = None) -> dict:
+          stop_after: int | None = None, answers: list[str] | None = None, cache: list[Cached] | None = None) -> dict:
     """Train a predictor for `model` on (image, prompt) pairs; write it to `out` (.safetensors).
-    The ce objective needs the reference `answers` (one per prompt); kl ignores them.
+    The ce objective needs the reference `answers` (one per prompt); kl ignores them. `cache`:
+    sequences from `build_cache` with the same settings, to train several predictors on one
+    preparation (images and prompts are then not used again).
     Resumes from `out`'s training state file when one exists for the same settings.
     Returns a summary: steps, first and last losses, the file."""
 
@@ -413,10 +431,44 @@ def train(model, processor, images, prompts, cfg: TrainConfig, out: str | Path, 
             raise InputError(f"{len(answers)} reference answers for {len(prompts)} prompts")
     with frozen(model):
         return _train(model, processor, images, prompts, answers, cfg, out, max_new_tokens, save_every, progress, log,
-                      stop_after)
+                      stop_after, cache)
 
 
-def _train(model, processor, images, prompts, answers, cfg, out, max_new_tokens, save_every, progress, log, stop_after):
+def build_cache(model, processor, images, prompts, cfg: TrainConfig, max_new_tokens: int = 24,
+                answers: list[str] | None = None, log: Callable[[str], None] | None = None) -> list[Cached]:
+    """The teacher-forced sequences of a training run (and, for the oracle objective, every step's
+    per-bin KL and oracle bin)."""
+    t0 = time.time()
+    if cfg.objective == "ce":
+        responses = reference_responses(model, processor, answers)
+    else:
+        responses = greedy_responses(model, processor, images, prompts, max_new_tokens)
+    with frozen(model):
+        cache = [prepare(model, processor, im, pr, resp, cfg.k) for im, pr, resp in zip(images, prompts, responses)]
+    if log:
+        log(f"{len(cache)} teacher-forced sequences, {sum(c.n_steps for c in cache)} response steps "
+            f"({time.time() - t0:.1f} s)")
+    if cfg.objective == "oracle":
+        label_oracle(model, cache, cfg, log)
+    return cache
+
+
+def label_oracle(model, cache: list[Cached], cfg: TrainConfig, log: Callable[[str], None] | None = None) -> None:
+    """Set every sequence's oracle bins at cfg.oracle_kl (the per-bin KLs are computed once and kept)."""
+    t0 = time.time()
+    for c in cache:
+        if c.bin_kl is None or c.bin_kl.shape[1] != cfg.bins:
+            c.bin_kl = bin_kls(model, c, cfg.bins, cfg.k, cfg.eps)
+        c.oracle = oracle_from_kls(c.bin_kl, cfg.oracle_kl)
+    if log:
+        bins = torch.cat([c.oracle for c in cache])
+        keep = mask_bank(cfg.bins, len(cache[0].img_cols)).float().mean(1)[bins].mean()
+        log(f"oracle bins (KL <= {cfg.oracle_kl}): mean bin {bins.float().mean():.2f}, kept fraction {keep:.3f}, "
+            f"histogram {torch.bincount(bins, minlength=cfg.bins).tolist()} ({time.time() - t0:.1f} s)")
+
+
+def _train(model, processor, images, prompts, answers, cfg, out, max_new_tokens, save_every, progress, log, stop_after,
+           cache):
     from tqdm import tqdm
 
     device = next(model.parameters()).device
@@ -430,23 +482,10 @@ def _train(model, processor, images, prompts, answers, cfg, out, max_new_tokens,
         if log:
             log(f"resuming from {spath} at step {start}")
     if start < cfg.steps:
-        t0 = time.time()
-        if cfg.objective == "ce":
-            responses = reference_responses(model, processor, answers)
-        else:
-            responses = greedy_responses(model, processor, images, prompts, max_new_tokens)
-        cache = [prepare(model, processor, im, pr, resp, cfg.k) for im, pr, resp in zip(images, prompts, responses)]
-        if cfg.objective == "oracle":
-            for c in cache:
-                c.oracle = oracle_bins(model, c, cfg.bins, cfg.k, cfg.eps, cfg.oracle_kl)
-        if log:
-            log(f"{len(cache)} teacher-forced sequences, {sum(c.n_steps for c in cache)} response steps "
-                f"({time.time() - t0:.1f} s)")
-            if cfg.objective == "oracle":
-                bins = torch.cat([c.oracle for c in cache])
-                keep = mask_bank(cfg.bins, len(cache[0].img_cols)).float().mean(1)[bins].mean()
-                log(f"oracle bins (KL <= {cfg.oracle_kl}): mean bin {bins.float().mean():.2f}, "
-                    f"kept fraction {keep:.3f}, histogram {torch.bincount(bins, minlength=cfg.bins).tolist()}")
+        if cache is None:
+            cache = build_cache(model, processor, images, prompts, cfg, max_new_tokens, answers, log)
+        elif cfg.objective == "oracle":
+            label_oracle(model, cache, cfg, log)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, desc="train-predictor", unit="step")
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     for step in range(start, end):
@@ -488,5 +527,5 @@ def evaluate(model, predictor: RatePredictor, cache: list[Cached], cfg: TrainCon
     return parts
 
 
-__all__ = ["OBJECTIVES", "Cached", "TrainConfig", "evaluate", "folder_samples", "gumbel_softmax", "prepare",
+__all__ = ["OBJECTIVES", "Cached", "TrainConfig", "bin_kls", "build_cache", "evaluate", "label_oracle", "oracle_from_kls", "folder_samples", "gumbel_softmax", "prepare",
            "pruned_logprobs", "reference_responses", "sequence_loss", "shares_of", "testbed_samples", "train"]

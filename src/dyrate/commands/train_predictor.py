@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history", type=int, default=8, help="gru: window of share vectors, 0 = unbounded (default 8)")
     p.add_argument("--hidden", type=int, default=32, help="hidden size of the predictor (default 32)")
     p.add_argument("--step-feature", action="store_true", help="also feed log(1 + decode step) to the predictor")
+    p.add_argument("--hidden-feature", action="store_true",
+                   help="also feed the newest token's hidden state after layer K-1 (RMS-normalised) to the predictor "
+                        "(our extension: it tells which token comes next)")
     p.add_argument("--samples", type=int, default=64, help="training sequences (default 64)")
     p.add_argument("--batch", type=int, default=4, help="sequences per optimizer step (default 4)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.bins < 2 or args.history < 0 or args.hidden < 1:
         raise InputError(f"need --k >= 1, --bins >= 2, --history >= 0, --hidden >= 1 (got {args.k}, {args.bins}, "
                          f"{args.history}, {args.hidden})")
-    features = ("shares", "step") if args.step_feature else ("shares",)
+    features = ("shares",) + (("step",) if args.step_feature else ()) + (("hidden",) if args.hidden_feature else ())
     cfg = TrainConfig(arch=args.arch, k=args.k, bins=args.bins, history=args.history, hidden=args.hidden,
                       features=features, steps=args.steps, batch=args.batch, lr=args.lr, lam=args.lam,
                       target_keep=args.target_keep, budget_weight=args.budget_weight, tau_start=args.tau_start,

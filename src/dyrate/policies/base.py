@@ -53,18 +53,22 @@ class Probe:
 
     shares: (B, 4) float, attention of the newest query at the probe layer summed per group
             (sys, img, ins, res), head-averaged; each row sums to 1.
-    img_scores: (B, S) float, that attention on each image slot (0 where the slot is not an image
-            token the probe layer can see); the engine ranks image tokens by it.
+    img_scores: (B, S) float, that attention on each image slot (0 where the slot is not a
+            candidate image token); the engine ranks image tokens by it. Filled only for `scores`,
+            i.e. after `keep` asked some row to give tokens up (None inside `keep`: the cheap
+            part of a step comes first).
     n_img: (B,) long, image tokens of each row before any pruning.
     kept: (B,) long, image tokens this stage keeps before this step's decision.
     step: 0 at prefill, t at the t-th decode step.
+    hidden: (B, d) the newest query's hidden state after the probe layer K-1 (the input of layer K).
     """
 
     shares: torch.Tensor
-    img_scores: torch.Tensor
+    img_scores: torch.Tensor | None
     n_img: torch.Tensor
     kept: torch.Tensor
     step: int
+    hidden: torch.Tensor | None = None
 
 
 class Policy(abc.ABC):

@@ -95,7 +95,7 @@ class DyRate(Policy):
         param = next(net.parameters())
         if param.device != probe.shares.device:
             net.to(probe.shares.device)
-        x = feature_vector(probe.shares, probe.step, net.config.features)  # (B, F)
+        x = feature_vector(probe.shares, probe.step, net.config.features, probe.hidden)  # (B, F)
         logits = net.step(x, state)  # (B, bins)
         rate = logits.argmax(-1).float() / self.bins  # (B,) i / B
         state["rate"] = rate  # the chosen rate, for the trace (see rate())
