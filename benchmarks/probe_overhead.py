@@ -2,8 +2,10 @@
 `none:k=K` (probe + policy every step, nothing pruned) and `fixed:k=K,r=0` (probe + policy +
 ranking and selection every step, nothing pruned), on the same inputs and cache lengths.
 
-Rounds are interleaved across policies and the median per-step time is reported, so slow drifts
-of the machine hit every policy alike. The last line of output is one JSON object.
+Rounds are interleaved across policies, in alternating order (forward, then reversed), and the
+overhead is the median over rounds of the paired ratio (policy / `none` in the same round), so
+slow drifts of the machine and order effects hit every policy alike. The last line of output is
+one JSON object.
 
     python benchmarks/probe_overhead.py [--config medium] [--layers L] [--batch 1,16] [--k 2] [--rounds 15]
 """
@@ -44,7 +46,8 @@ def main() -> None:
         times = {s: [] for s in specs}
         with torch.inference_mode():
             for r in range(args.rounds + 1):  # round 0 is warm-up
-                for spec, engine in zip(specs, engines):
+                pairs = list(zip(specs, engines))
+                for spec, engine in (pairs if r % 2 else pairs[::-1]):
                     logits, state = engine.prefill(ids, mask, pixels)
                     tok = logits.argmax(-1)
                     start = time.perf_counter()
@@ -52,12 +55,12 @@ def main() -> None:
                         tok = engine.decode(state, tok).argmax(-1)
                     if r:
                         times[spec].append((time.perf_counter() - start) / args.steps)
-        base = statistics.median(times["none"])
         row = {"batch": b}
         for spec in specs:
             med = statistics.median(times[spec])
-            row[spec] = {"ms_per_step": round(1000 * med, 3), "overhead": round(med / base - 1, 4)}
-            print(f"batch {b:3d}  {spec:16s} {1000 * med:8.2f} ms/step  overhead {100 * (med / base - 1):+.1f}%")
+            over = statistics.median(t / n - 1 for t, n in zip(times[spec], times["none"]))  # paired by round
+            row[spec] = {"ms_per_step": round(1000 * med, 3), "overhead": round(over, 4)}
+            print(f"batch {b:3d}  {spec:16s} {1000 * med:8.2f} ms/step  overhead {100 * over:+.1f}%")
         results.append(row)
     print(json.dumps({"conditions": conditions(model, 40, args.steps + 1, "evict"), "results": results}))
 

@@ -221,3 +221,34 @@ def test_random_pruning_keeps_the_seeded_draw(tiny, images, prompts):
     assert kept_columns(fastv_state, 1) != kept_columns(state, 1)
     with pytest.raises(Exception, match="r=1.5"):
         parse_policy("random:r=1.5")
+
+
+# ---------------------------------------------------------------- long decodes (segment buffers grow)
+@pytest.mark.parametrize("spec", ["none", "fastv:k=2,r=0.5", "none:k=2"])
+def test_long_forced_decode_matches_full_forward(tiny, vanilla, images, prompts, spec):
+    """70 forced decode steps (past the segments' spare room, so their buffers grow): the engine's
+    logits equal plain transformers' forward over the whole sequence (unpruned specs), and every
+    segment's slot bookkeeping stays consistent."""
+    from dyrate.engine import RES, Segment
+
+    model, processor = tiny
+    batch = batch_inputs(processor, images[:1], prompts[:1])
+    forced = torch.randint(5, model.config.get_text_config().vocab_size, (70,), generator=torch.Generator().manual_seed(0))
+    assert model.config.image_token_id not in forced  # text tokens only
+    engine = Engine(adapter_for(model), parse_policy(spec))
+    with torch.inference_mode():
+        logits, state = engine.prefill(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+        steps = [logits]
+        for tok in forced:
+            steps.append(engine.decode(state, tok[None]))
+    for seg in state.segments:
+        assert isinstance(seg, Segment) and seg.col.shape[1] == seg.n
+        assert seg.col[0, -1] == state.n_cols - 1 and bool((seg.col[0, 1:] > seg.col[0, :-1]).all())
+        assert bool((seg.groups[0, -70:] == RES).all()) and bool(seg.valid[0, -70:].all())
+        assert int(seg.n_keys[0]) == int(seg.attend[0].sum())
+    if spec.startswith("fastv"):
+        return
+    ids = torch.cat([batch["input_ids"], forced[None, :-1]], dim=1)
+    with torch.no_grad():
+        full = vanilla[0](input_ids=ids, pixel_values=batch["pixel_values"]).logits[0, batch["input_ids"].shape[1] - 1:]
+    torch.testing.assert_close(torch.cat(steps[:-1]), full.float(), atol=2e-4, rtol=1e-4)

@@ -36,30 +36,62 @@ SYS, IMG, INS, RES, PAD = 0, 1, 2, 3, 4
 MODES = ("evict", "mask")
 
 
-@dataclass
 class Segment:
-    start: int  # first decoder layer
-    end: int  # one past the last decoder layer
-    col: torch.Tensor  # (B, S) long
-    valid: torch.Tensor  # (B, S) bool
-    attend: torch.Tensor  # (B, S) bool
-    dense: bool  # every slot valid and attended: masks can be skipped (SDPA is_causal / no mask)
-    groups: torch.Tensor | None = None  # (B, S) long, group of every slot (PAD for invalid slots)
-    n_keys: torch.Tensor | None = None  # (B,) attended keys, kept up to date (see Engine._recount)
-    n_img: torch.Tensor | None = None  # (B,) attended image keys
+    """A run of decoder layers [start, end) sharing one KV layout, and the per-slot bookkeeping of
+    that layout. `col`, `valid`, `attend` and `groups` are (B, S) views of buffers with spare
+    room at the end, pre-filled the way a generated token's slot looks (valid, attended, RES), so
+    `append` (every segment, every decode step) writes one column id instead of growing four
+    tensors."""
+
+    def __init__(self, start: int, end: int, col: torch.Tensor, valid: torch.Tensor, attend: torch.Tensor):
+        self.start, self.end = start, end  # first decoder layer, one past the last
+        self.groups: torch.Tensor | None = None  # (B, S) long, group of every slot (PAD for invalid), see _recount
+        self.n_keys: torch.Tensor | None = None  # (B,) attended keys, kept up to date (see Engine._recount)
+        self.n_img: torch.Tensor | None = None  # (B,) attended image keys
+        self.set_slots(col, valid, attend)
+
+    def set_slots(self, col: torch.Tensor, valid: torch.Tensor, attend: torch.Tensor, spare: int = 32) -> None:
+        """New slots: col (B, S) long column of each slot, valid (B, S) bool (False for left padding and
+        eviction holes), attend (B, S) bool (keys the queries may see). Copies into fresh buffers."""
+        b, n = col.shape
+        self.n = n
+        self._col = torch.cat([col, col.new_zeros(b, spare)], dim=1)  # (B, cap)
+        self._valid = torch.cat([valid, valid.new_ones(b, spare)], dim=1)
+        self._attend = torch.cat([attend, attend.new_ones(b, spare)], dim=1)
+        self._groups = col.new_full((b, n + spare), RES)
+        self.dense = bool(attend.all() and valid.all())  # masks can be skipped (SDPA is_causal / no mask)
+
+    col = property(lambda self: self._col[:, : self.n])  # (B, S)
+    valid = property(lambda self: self._valid[:, : self.n])  # (B, S)
+    attend = property(lambda self: self._attend[:, : self.n])  # (B, S)
+
+    @property
+    def groups(self) -> torch.Tensor | None:
+        return self._groups[:, : self.n]
+
+    @groups.setter
+    def groups(self, value: torch.Tensor | None) -> None:
+        if value is not None:
+            self._groups[:, : self.n] = value
+
+    def set_attend(self, attend: torch.Tensor) -> None:
+        """Mask mode: new attended keys (B, S) over the same slots."""
+        self._attend[:, : self.n] = attend
+        self.dense = bool(attend.all())
 
     def append(self, new_col: int) -> None:
-        """Add the slot of a new token (valid, attended) at the end."""
-        ones = self.valid.new_ones((self.col.shape[0], 1))
-        self.col = torch.cat([self.col, self.col.new_full(ones.shape, new_col)], dim=1)
-        self.valid = torch.cat([self.valid, ones], dim=1)
-        self.attend = torch.cat([self.attend, ones], dim=1)
-        self.groups = torch.cat([self.groups, self.groups.new_full(ones.shape, RES)], dim=1)
+        """Add the slot of a new token (valid, attended, RES) at the end."""
+        if self.n == self._col.shape[1]:  # out of room: double it
+            groups = self.groups
+            self.set_slots(self.col, self.valid, self.attend, spare=max(32, self.n))
+            self.groups = groups
+        self._col[:, self.n] = new_col
+        self.n += 1
         self.n_keys = self.n_keys + 1  # a generated token is never an image token
 
     def reorder(self, index: torch.Tensor) -> None:
-        self.col, self.valid, self.attend = self.col[index], self.valid[index], self.attend[index]
-        self.groups = self.groups[index]
+        self._col, self._valid, self._attend = self._col[index], self._valid[index], self._attend[index]
+        self._groups = self._groups[index]
         self.n_keys, self.n_img = self.n_keys[index], self.n_img[index]
 
 
@@ -74,7 +106,7 @@ class DecodeState:
     n_img: torch.Tensor  # (B,) long, image tokens of each row
     policy_state: dict[str, torch.Tensor]
     step: int = 0
-    records: list[dict[str, torch.Tensor]] = field(default_factory=list)  # one per forward pass
+    records: list[dict] = field(default_factory=list)  # one per forward pass (Engine._new_record)
 
     @property
     def n_cols(self) -> int:
@@ -123,7 +155,7 @@ class Engine:
         )
         hidden = a.embed(input_ids, pixel_values)  # (B, P, d)
         col = torch.arange(p, device=device).expand(b, p)
-        seg = Segment(0, self.bounds[0][1], col, valid, valid, dense=bool(valid.all()))
+        seg = Segment(0, self.bounds[0][1], col, valid, valid)
         self._recount(state, seg)
         record = self._new_record(b, device)
         for s, (start, end) in enumerate(self.bounds):
@@ -158,12 +190,14 @@ class Engine:
         return a.logits(hidden)[:, -1, :]
 
     # ------------------------------------------------------------------ internals
-    def _new_record(self, b: int, device) -> dict[str, torch.Tensor]:
-        n_seg, n_stage = len(self.bounds), len(self.stages)
+    def _new_record(self, b: int, device) -> dict:
+        """One forward pass's record: per segment (lists, one entry per segment) the queries run (an
+        int, or (B,) long at prefill), the attended keys and image keys ((B,) long, the segment's
+        own counters: they are replaced, never modified, so a reference is a snapshot); per stage
+        the share vector (B, n_stage, 4) and the rate (B, n_stage), NaN where nothing was decided."""
+        n_stage = len(self.stages)
         return {
-            "queries": torch.zeros(b, n_seg, dtype=torch.long, device=device),
-            "keys": torch.zeros(b, n_seg, dtype=torch.long, device=device),
-            "img": torch.zeros(b, n_seg, dtype=torch.long, device=device),
+            "queries": [], "keys": [], "img": [],
             "shares": torch.full((b, n_stage, 4), float("nan"), device=device),
             "rate": torch.full((b, n_stage), float("nan"), device=device),
         }
@@ -189,9 +223,9 @@ class Engine:
                 hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
                 past_key_values=state.cache, use_cache=True, **extra,
             )
-        record["queries"][:, s] = 1 if q == 1 else seg.valid[:, -q:].sum(1)
-        record["keys"][:, s] = seg.n_keys
-        record["img"][:, s] = seg.n_img
+        record["queries"].append(1 if q == 1 else seg.valid[:, -q:].sum(1))
+        record["keys"].append(seg.n_keys)
+        record["img"].append(seg.n_img)
         return hidden, (request.row if request is not None else None)
 
     @staticmethod
@@ -234,9 +268,9 @@ class Engine:
         target = self.policy.keep(s - 1, probe, state.policy_state)
         if target is None:
             return None
-        k = torch.minimum(target.to(row.device).clamp(min=0), kept)  # (B,)
+        k = torch.minimum(target.to(row.device), kept).clamp_(min=0)  # (B,)
         record["rate"][:, s - 1] = self.policy.rate(s - 1, probe, k, state.policy_state)
-        if evict_now and bool((k == kept).all()):
+        if evict_now and torch.equal(k, kept):
             return None  # every row keeps all it still has: nothing to rank or evict
         cand = (prev.groups == IMG) & prev.attend  # (B, S_prev)
         if evict_now:
@@ -268,11 +302,11 @@ class Engine:
         bitmap = self._select(state, s, row, hidden[:, -1], record, current=None)  # left padded: -1 is the last prompt token
         keep = prev.attend if bitmap is None else prev.attend & bitmap.gather(1, prev.col)  # (B, S_prev)
         if self.mode == "mask":
-            seg = Segment(start, end, prev.col, prev.valid, keep, dense=bool(keep.all()))
+            seg = Segment(start, end, prev.col, prev.valid, keep)
             return self._recount(state, seg), hidden
         index, valid = _compact(keep)  # (B, S_new)
         hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))  # (B, S_new, d)
-        seg = Segment(start, end, prev.col.gather(1, index), valid, valid, dense=bool(valid.all()))
+        seg = Segment(start, end, prev.col.gather(1, index), valid, valid)
         return self._recount(state, seg), hidden
 
     def _decide(self, state: DecodeState, s: int, row: torch.Tensor, hidden: torch.Tensor, record) -> None:
@@ -285,8 +319,7 @@ class Engine:
             seg = state.segments[t]
             keep = seg.valid & bitmap.gather(1, seg.col)  # (B, S)
             if self.mode == "mask":
-                seg.attend = keep if t == s else keep & seg.attend
-                seg.dense = bool(seg.attend.all())
+                seg.set_attend(keep if t == s else keep & seg.attend)
                 self._recount(state, seg)
                 continue
             if bool((keep == seg.valid).all()):
@@ -296,8 +329,7 @@ class Engine:
                 kv = state.cache.layers[layer]
                 idx = index[:, None, :, None].expand(-1, kv.keys.shape[1], -1, kv.keys.shape[-1])
                 kv.keys, kv.values = kv.keys.gather(2, idx), kv.values.gather(2, idx)  # (B, Hkv, S_new, D)
-            seg.col, seg.valid, seg.attend = seg.col.gather(1, index), valid, valid
-            seg.dense = bool(valid.all())
+            seg.set_slots(seg.col.gather(1, index), valid, valid)
             self._recount(state, seg)
 
 

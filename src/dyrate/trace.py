@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from . import flops as flops_model
 from .engine import Engine
+
+
+def _row(value, row: int) -> list:
+    """One row of a record entry: a (B, ...) tensor, or a per-segment list of ints / (B,) tensors."""
+    if torch.is_tensor(value):
+        return value[row].tolist()
+    return [v if isinstance(v, int) else int(v[row]) for v in value]
 
 
 def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_text: int):
@@ -15,7 +24,7 @@ def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_te
     bounds, stages = engine.bounds, engine.stages
     trace, img_per_step = [], []
     for t, row in enumerate(steps):
-        rec = {k: v[row].tolist() for k, v in records[t].items()}
+        rec = {k: _row(v, row) for k, v in records[t].items()}
         img_layers = [rec["img"][s] for s, (a, b) in enumerate(bounds) for _ in range(a, b)]
         step_flops = sum(
             (b - a) * flops_model.layer_flops(shape, rec["queries"][s], rec["keys"][s]) for s, (a, b) in enumerate(bounds)

@@ -111,7 +111,7 @@ class Policy(abc.ABC):
     def rate(self, stage: int, probe: Probe, keep: torch.Tensor, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """The reduction rate behind this step's decision (B,), for the trace. Default: 1 - keep / n_img.
         A policy that chose a rate itself can leave it in `state` during `keep` and return it here."""
-        return 1.0 - keep.float() / probe.n_img.clamp(min=1).float()
+        return 1.0 - keep / probe.n_img.clamp(min=1)  # true division: float
 
     def static_image_tokens(self, n_img: int, n_layers: int) -> list[int] | None:
         """Image tokens seen by each decoder layer, if that does not depend on the data (for FLOPs

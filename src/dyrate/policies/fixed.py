@@ -28,7 +28,9 @@ class FixedRate(Policy):
         return (self.k,)
 
     def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
-        return keep_counts(self.r, probe.n_img)
+        if "keep" not in state:  # the same count every step: computed once per call
+            state["keep"] = keep_counts(self.r, probe.n_img)  # (B,)
+        return state["keep"]
 
     def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
         return [n_img] * self.k + [keep_count(self.r, n_img)] * (n_layers - self.k)
