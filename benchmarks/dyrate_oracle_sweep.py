@@ -4,12 +4,12 @@ The oracle bin of a response step is the most pruning (mask mode, hard bins) who
 to the unpruned model stays <= D (`dyrate.train_predictor.oracle_from_kls`). Computing the per-bin
 KLs is the expensive part (one teacher-forced pass per bin and sequence), so this script does it
 once and then trains one predictor per (KL threshold D, feature set, arch), each exactly as
-`dyrate train-predictor --objective oracle --oracle-kl D --lambda 0 [--hidden-feature]` would on
+`dyrate train-predictor --objective oracle --oracle-kl D --lambda 0 [--hidden-feature] [--rank R]` would on
 the same samples. Prints the oracle histogram per D and writes OUT/<arch>-<features>-kl<D>.safetensors
-plus OUT/sweep.json.
+plus OUT/sweep.json (file names: <arch>-<features>-<rank>-kl<D>).
 
     python benchmarks/dyrate_oracle_sweep.py --out runs/sweep --samples 384 --kl 0.005,0.02 \\
-        --features shares,shares+hidden --arch mlp [--model DIR] [--threads 2]
+        --features shares,shares+hidden --arch mlp [--rank prefill] [--model DIR] [--threads 2]
 
 Training scenes come from `testbed_samples` (a seed range the VLM and the held-out set never use).
 """
@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=32, help="predictor hidden size")
+    ap.add_argument("--rank", default="step", choices=("step", "prefill"), help="image-token ranking (see train-predictor)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -57,7 +58,7 @@ def main() -> None:
         print(msg, file=sys.stderr, flush=True)
 
     base = dict(k=args.k, bins=args.bins, steps=args.steps, batch=args.batch, lr=args.lr, hidden=args.hidden,
-                lam=0.0, objective="oracle")
+                lam=0.0, objective="oracle", rank=args.rank)
     thresholds = [float(x) for x in args.kl.split(",")]
     t0 = time.time()
     cache = build_cache(model, processor, images, prompts, TrainConfig(**base, oracle_kl=thresholds[0]),
@@ -72,7 +73,7 @@ def main() -> None:
                 cfg = TrainConfig(**base, oracle_kl=d, arch=arch, features=features)
                 label_oracle(model, cache, cfg, log)
                 labels = torch.cat([c.oracle for c in cache])
-                path = out / f"{arch}-{feats.replace('+', '-')}-kl{d:g}.safetensors"
+                path = out / f"{arch}-{feats.replace('+', '-')}-{args.rank}-kl{d:g}.safetensors"
                 for stale in (path, path.with_name(path.stem + ".train-state.safetensors")):
                     stale.unlink(missing_ok=True)  # a fresh run, not a resume
                 summary = train(model, processor, images, prompts, cfg, path, progress=False, cache=cache)

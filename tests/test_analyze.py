@@ -64,3 +64,41 @@ def test_cli_writes_png_and_json(tmp_path, tiny_dir, images, capsys):
         assert main(args) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1]
+
+
+def test_policy_trace_against_the_generation_trace(tiny, images, prompts, tmp_path, tiny_dir, capsys):
+    """--policy: per-step means of the policy's own trace (rate, kept fraction, shares), and the
+    example row's rates are that row's trace; the CLI writes PNG + JSON and refuses bad input."""
+    from dyrate.analyze import policy_trace
+    from dyrate.api import generate
+
+    model, processor = tiny
+    spec = "fixed:k=2,r=0.5"
+    got = policy_trace(model, processor, images, prompts, spec, mode="mask", max_new_tokens=5, batch_size=2)
+    ref = generate(model, processor, images, prompts, policy=spec, mode="mask", max_new_tokens=5)
+    assert got["count"][0] == 3 and got["rate"][0] == pytest.approx(0.5)
+    assert got["kept"][0] == pytest.approx(sum(r.trace[0]["kept"][2] / r.trace[0]["kept"][0] for r in ref) / 3)
+    assert got["img"][1] == pytest.approx(sum(r.trace[1]["shares"][0]["img"] for r in ref if len(r.trace) > 1)
+                                          / sum(len(r.trace) > 1 for r in ref))
+    assert got["example"]["rate"] == [e["rate"][0] for e in ref[0].trace]
+    assert len(got["example"]["tokens"]) == len(ref[0].trace)
+    with pytest.raises(Exception, match="never probes"):
+        policy_trace(model, processor, images, prompts, "none")
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for i, img in enumerate(images):
+        img.save(data / "images" / f"{i}.png")
+    coco = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(3)],
+            "annotations": [{"id": i, "image_id": i, "caption": "noise"} for i in range(3)]}
+    (data / "captions.json").write_text(json.dumps(coco))
+    out = tmp_path / "rate.png"
+    base = ["analyze", "--model", str(tiny_dir), "--data", str(data), "--limit", "2", "--max-new-tokens", "4", "--out", str(out)]
+    assert main([*base, "--policy", spec, "--mode", "mask"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    payload = json.loads(out.with_suffix(".json").read_text())
+    assert payload["policy"] == spec and payload["mode"] == "mask" and payload["rows"] == 2
+    assert "mean rate 0.500" in capsys.readouterr().out
+    for bad, message in ((["--policy", "bogus:k=2"], "bogus"), (["--policy", spec, "--layers", "0"], "exclude each other")):
+        assert main([*base, *bad]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]

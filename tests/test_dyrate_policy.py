@@ -24,9 +24,9 @@ K = 2
 ARCH_POLICY = {"mlp": "dyrate", "gru": "dyrate-rnn"}
 
 
-def forced(model, arch: str, bin_: int, bins: int = 10, k: int = K, history: int = 4):
+def forced(model, arch: str, bin_: int, bins: int = 10, k: int = K, history: int = 4, rank: str = "step"):
     """A predictor whose argmax is always `bin_` (huge bias on that logit)."""
-    pred = new_predictor(arch, bins=bins, k=k, history=history, model=model, features=("shares", "step"))
+    pred = new_predictor(arch, bins=bins, k=k, history=history, model=model, features=("shares", "step"), rank=rank)
     head = pred.net[-1] if arch == "mlp" else pred.head
     with torch.no_grad():
         head.bias.zero_()
@@ -199,3 +199,21 @@ def test_hidden_feature_reads_the_state_after_layer_k_minus_1(tiny, vanilla, ima
         assert r.trace[0]["rate"][0] == pytest.approx(want)
         wants.append(want)
     assert len(set(wants)) > 1, wants  # the decision really follows the hidden state
+
+
+@pytest.mark.parametrize("arch", ["mlp", "gru"])
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+@pytest.mark.parametrize("bin_", [3, 7])
+def test_prefill_rank_at_bin_i_equals_fastv(tiny, images, prompts, tmp_path, arch, mode, bin_):
+    """rank "prefill": the prefill's probe ranks the image tokens at every step, so a constant bin
+    is FastV at that rate (in mask mode too, where "step" ranking re-ranks every step)."""
+    path = write(forced(tiny[0], arch, bin_, rank="prefill"), tmp_path / "p.safetensors")
+    assert load_predictor(path).config.rank == "prefill"
+    ours = run(tiny, images, prompts, f"{ARCH_POLICY[arch]}:k={K},predictor={path}", mode, num_beams=1)
+    ref = run(tiny, images, prompts, f"fastv:k={K},r={bin_ / 10}", mode)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in ref]
+    for a, b in zip(ours, ref):
+        assert [e["kept"] for e in a.trace] == [e["kept"] for e in b.trace]
+    beams = run(tiny, images, prompts, f"{ARCH_POLICY[arch]}:k={K},predictor={path}", mode, num_beams=2)
+    ref_beams = run(tiny, images, prompts, f"fastv:k={K},r={bin_ / 10}", mode, num_beams=2)
+    assert [r.token_ids for r in beams] == [r.token_ids for r in ref_beams]

@@ -378,3 +378,18 @@ def test_train_on_a_shared_cache(tiny, images, prompts, tmp_path):
     assert out["finished"] and all((c.oracle == 9).all() for c in cache)  # relabelled at cfg's threshold
     pred = load_predictor(out["out"])
     assert pred.config.features == ("shares", "hidden")
+
+
+@pytest.mark.parametrize("bin_", [4, 9])
+def test_prefill_rank_soft_mask_is_engine_fastv_mask_mode(tiny, images, prompts, cached, bin_):
+    """Ranking by the prefill's probe: the one-hot training pass equals the engine's mask mode under
+    FastV at that rate (the same kept set for every query), teacher-forced."""
+    model, processor = tiny
+    for c, image, prompt in zip(cached, images, prompts):
+        p = torch.nn.functional.one_hot(torch.full((c.n_steps,), bin_), 10).float()
+        with torch.no_grad():
+            ours = pruned_logprobs(model, c, p, mask_bank(10, len(c.img_cols)), K, eps=0.0, rank_by="prefill")
+        ref, _ = engine_forced(model, processor, image, prompt, c.response, f"fastv:k={K},r={bin_ / 10}", "mask")
+        torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    with pytest.raises(Exception, match="rank"):
+        TrainConfig(lam=0.1, rank="sideways")

@@ -6,6 +6,10 @@ prefill (the last prompt token), step t >= 1 the query of the t-th generated tok
 the engine's own (`none:k=L+1` probes layer L every step and prunes nothing), so these are exactly
 the shares a pruning policy sees. Rows stop contributing after their last token; `count[t]` says
 how many rows a step's mean covers.
+
+With a pruning policy instead (`policy_trace`): the share vector its first stage saw, the rate it
+chose and the image tokens it kept, mean over rows per step, plus one row token by token: the
+DyRate ablation figure (the chosen rate and the share vector over generation steps).
 """
 
 from __future__ import annotations
@@ -92,6 +96,96 @@ def plot_shares(result: dict, path: str | Path, title: str = "") -> None:
         ax.grid(alpha=0.3)
     axes.flat[0].set_ylabel("mean attention share")
     axes.flat[0].legend(loc="upper right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def policy_trace(model, processor, images: Sequence, prompts: Sequence[str], policy: str, mode: str = "evict",
+                 max_new_tokens: int = 64, batch_size: int = 8, progress: Callable[[int], None] | None = None) -> dict:
+    """Per step (mean over the rows still generating): the share vector of the policy's first
+    stage, its rate and the fraction of image tokens kept after the probe layer; and the first
+    row token by token. Returns {"policy", "mode", "count", "rate", "kept", sys/img/ins/res: [...],
+    "example": {"prompt", "tokens", "rate", "img"}, "texts"}."""
+    from .policies import parse_policy
+
+    pol = parse_policy(policy)
+    if not pol.stages:
+        raise InputError(f"policy {policy!r} never probes: give a pruning policy (or none:k=K)")
+    if len(images) != len(prompts) or not prompts:
+        raise InputError(f"need one image per prompt, got {len(images)} images and {len(prompts)} prompts")
+    k = pol.stages[0]
+    keys = ("rate", "kept", *GROUPS)
+    sums: dict[str, list[float]] = {key: [] for key in keys}
+    count: list[int] = []
+    out: dict = {"policy": pol.spec(), "mode": mode, "texts": []}
+    tok = getattr(processor, "tokenizer", processor)
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        pil = [read_image(i) for i in images[chunk]]
+        results = generate(model, processor, pil, list(prompts[chunk]), policy=pol, mode=mode, max_new_tokens=max_new_tokens)
+        for res in results:
+            out["texts"].append(res.text)
+            rows = []
+            for t, step in enumerate(res.trace):
+                shares, rate = step["shares"][0], step["rate"][0]
+                if shares is None or rate is None:
+                    continue
+                n_img = max(step["kept"][0], 1)  # layer 0 sees every image token
+                values = {"rate": rate, "kept": step["kept"][k] / n_img, **shares}
+                while len(count) <= t:
+                    count.append(0)
+                    for key in keys:
+                        sums[key].append(0.0)
+                count[t] += 1
+                for key in keys:
+                    sums[key][t] += values[key]
+                rows.append((t, values))
+            if "example" not in out:
+                ids = res.token_ids
+                out["example"] = {
+                    "prompt": prompts[start],
+                    "tokens": [tok.decode([ids[t]]) if t < len(ids) else "" for t, _ in rows],
+                    "rate": [v["rate"] for _, v in rows],
+                    "img": [v["img"] for _, v in rows],
+                }
+        if progress is not None:
+            progress(len(results))
+    out["count"] = count
+    for key in keys:
+        out[key] = [v / c if c else float("nan") for v, c in zip(sums[key], count)]
+    return out
+
+
+def plot_policy(result: dict, path: str | Path, title: str = "") -> None:
+    """Left: mean share vector and mean chosen rate per step; right: the example row token by token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={"width_ratios": [1, 1.6]})
+    steps = list(range(len(result["count"])))
+    for g in GROUPS:
+        left.plot(steps, result[g], label=f"share {g}", linewidth=1.4)
+    left.plot(steps, result["rate"], "k--", label="chosen rate", linewidth=2)
+    left.set_xlabel("generation step (0 = prefill)")
+    left.set_ylim(0, 1)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=7, loc="upper right")
+    left.set_title("mean over rows")
+    ex = result.get("example")
+    if ex:
+        x = list(range(len(ex["rate"])))
+        right.bar(x, ex["rate"], color="tab:gray", label="chosen rate")
+        right.plot(x, ex["img"], "o-", color="tab:orange", label="img share", markersize=3)
+        right.set_xticks(x)
+        right.set_xticklabels(ex["tokens"], rotation=90, fontsize=7)
+        right.set_ylim(0, 1)
+        right.legend(fontsize=7, loc="upper right")
+        right.set_title(f"one row: the rate chosen before each token ({ex['prompt'][:40]!r})", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

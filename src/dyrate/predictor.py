@@ -13,6 +13,10 @@ not the paper's: it tells the predictor *which* token it is about to predict (af
 model needs the image, after "at the" too, after "and" it does not), which the share vector alone
 does not (docs/dyrate.md).
 
+Ranking (`rank`): the image tokens a bin keeps are the top of each step's probe (`step`, DESIGN
+section 2) or of the prefill's probe, the last prompt token's, as FastV ranks (`prefill`, our
+extension: with it only the count varies from step to step). Training and inference use the same.
+
 A predictor file is one safetensors file: the weights, plus a JSON object under the header's
 `dyrate` metadata key (arch, bins, probe layer k, features, history, hidden size and the model
 fingerprint). Loading never unpickles anything.
@@ -32,6 +36,7 @@ from .errors import CheckpointError, PolicySpecError
 
 ARCHS = ("mlp", "gru")
 EXTRA_FEATURES = ("step", "hidden")
+RANKS = ("step", "prefill")
 META_KEY = "dyrate"
 FORMAT_VERSION = 1
 
@@ -82,6 +87,7 @@ class PredictorConfig:
     hidden: int = 32
     fingerprint: dict | None = None  # model_fingerprint() of the model it was trained for
     model_dim: int = 0  # the decoder's hidden size (feature `hidden` only)
+    rank: str = "step"  # which probe ranks the image tokens: each step's ("step") or the prefill's ("prefill")
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -96,6 +102,8 @@ class PredictorConfig:
             raise PolicySpecError(f"predictor features {list(self.features)}: a feature is repeated")
         if "hidden" in self.features and self.model_dim < 1:
             raise PolicySpecError("predictor feature 'hidden' needs the decoder's hidden size (model_dim)")
+        if self.rank not in RANKS:
+            raise PolicySpecError(f"predictor rank {self.rank!r} is not one of {', '.join(RANKS)}")
         if self.history < 0 or self.hidden < 1:
             raise PolicySpecError(f"predictor history={self.history}, hidden={self.hidden}: need history >= 0, hidden >= 1")
 
@@ -184,14 +192,15 @@ class RatePredictor(nn.Module):
 
 
 def new_predictor(arch: str = "mlp", bins: int = 10, k: int = 2, features=("shares",), history: int = 8,
-                  hidden: int = 32, model=None, seed: int = 0, model_dim: int | None = None) -> RatePredictor:
+                  hidden: int = 32, model=None, seed: int = 0, model_dim: int | None = None,
+                  rank: str = "step") -> RatePredictor:
     """A freshly initialised predictor (fingerprint and, for feature `hidden`, the decoder's hidden
     size taken from `model` when given; `model_dim` overrides the latter)."""
     fingerprint = model_fingerprint(model) if model is not None else None
     if model_dim is None:
         model_dim = fingerprint["hidden_size"] if fingerprint is not None else 0
     model_dim = model_dim if "hidden" in features else 0
-    config = PredictorConfig(arch, bins, k, tuple(features), history, hidden, fingerprint, model_dim)
+    config = PredictorConfig(arch, bins, k, tuple(features), history, hidden, fingerprint, model_dim, rank)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return RatePredictor(config)

@@ -77,9 +77,12 @@ class TrainConfig:
     objective: str = "kl"  # fit term: "kl" to the full model on its own answers, "ce" on reference answers,
     # or "oracle": cross-entropy to each step's oracle bin (the most pruning whose KL stays <= oracle_kl)
     oracle_kl: float = 0.02
+    rank: str = "step"  # image-token ranking: each step's probe ("step") or the prefill's ("prefill")
 
     def __post_init__(self):
         self.features = tuple(self.features)
+        if self.rank not in ("step", "prefill"):
+            raise InputError(f"rank must be step or prefill, got {self.rank!r}")
         if self.objective not in OBJECTIVES:
             raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if (self.lam is None) == (self.target_keep is None):
@@ -115,6 +118,7 @@ class Cached:
     response: list[int] = field(default_factory=list)  # the T response tokens (step t predicts response[t])
     oracle: torch.Tensor | None = None  # (T,) long oracle bins (objective "oracle" only)
     bin_kl: torch.Tensor | None = None  # (T, bins) KL to the full model at each hard bin (oracle only)
+    bin_kl_rank: str = "step"  # the ranking bin_kl was computed with
 
     @property
     def n_steps(self) -> int:
@@ -184,16 +188,20 @@ def step_hidden(c: Cached) -> torch.Tensor:
 
 
 def pruned_logprobs(model, c: Cached, p: torch.Tensor, bank: torch.Tensor, k: int, eps: float,
-                    hard: torch.Tensor | None = None) -> torch.Tensor:
+                    hard: torch.Tensor | None = None, rank_by: str = "step") -> torch.Tensor:
     """Layers >= K under the soft mask of bin probabilities p (T, B): log-probabilities (T, V).
     hard: one-hot bins (T, B) for a straight-through pass: the logits get the hard mask's bias in
-    the forward pass and the soft mask's gradient in the backward pass."""
+    the forward pass and the soft mask's gradient in the backward pass. rank_by: "step" (each
+    query's probe ranks the image tokens) or "prefill" (the last prompt token's, for every query)."""
     adapter = adapter_for(model)
     device = next(model.parameters()).device
     hidden = c.hidden.to(device)
     length, n_prompt = hidden.shape[1], c.n_prompt
     img = c.img_cols.to(device)
-    rank = ranks(c.probe.to(device)[:, img])  # (T, N_img)
+    scores = c.probe.to(device)[:, img]  # (T, N_img) each step's probe
+    if rank_by == "prefill":
+        scores = scores[:1].expand_as(scores)  # every step ranks by the prefill's probe
+    rank = ranks(scores)  # (T, N_img)
     m = soft_mask(p.to(device), rank, bank.to(device))  # (T, N_img)
     step_of = (torch.arange(length, device=device) - (n_prompt - 1)).clamp(min=0)  # (L,) step of each query
     bias = torch.log(m + eps)  # (T, N_img)
@@ -243,7 +251,7 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
     p = gumbel_softmax(logits, tau, generator)  # (T, B)
     # straight-through: the pass sees the hard mask inference uses, gradients come from the soft one
     hard = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype) if cfg.straight_through else None  # (T, B)
-    logp = pruned_logprobs(model, c, p, bank, cfg.k, cfg.eps, hard)  # (T, V)
+    logp = pruned_logprobs(model, c, p, bank, cfg.k, cfg.eps, hard, cfg.rank)  # (T, V)
     teacher = c.teacher.to(logp.device)
     kl = (teacher.exp() * (teacher - logp)).sum(-1).mean()
     if cfg.objective == "ce":
@@ -258,7 +266,7 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
 
 
 @torch.no_grad()
-def bin_kls(model, c: Cached, bins: int, k: int, eps: float) -> torch.Tensor:
+def bin_kls(model, c: Cached, bins: int, k: int, eps: float, rank_by: str = "step") -> torch.Tensor:
     """(T, bins) KL of every response step's next-token distribution to the full model's when every
     step is pruned at bin i (hard masks, one pass per bin; column 0, the full model, is 0)."""
     n_img = len(c.img_cols)
@@ -267,7 +275,7 @@ def bin_kls(model, c: Cached, bins: int, k: int, eps: float) -> torch.Tensor:
     out = torch.zeros(c.n_steps, bins)
     for i in range(1, bins):
         p = F.one_hot(torch.full((c.n_steps,), i), bins).float()  # (T, B)
-        logp = pruned_logprobs(model, c, p, bank, k, eps).cpu()  # (T, V)
+        logp = pruned_logprobs(model, c, p, bank, k, eps, rank_by=rank_by).cpu()  # (T, V)
         out[:, i] = (teacher.exp() * (teacher - logp)).sum(-1)
     return out
 
@@ -390,7 +398,8 @@ def _load_state(path: Path, predictor: RatePredictor, opt: torch.optim.Optimizer
     if STATE_KEY not in meta:
         raise CheckpointError(f"{path}: not a dyrate training state")
     m = json.loads(meta[STATE_KEY])
-    saved = {"objective": "kl", "straight_through": False, **{k: v for k, v in m["config"].items() if k != "steps"}}  # older states
+    saved = {"objective": "kl", "straight_through": False, "oracle_kl": 0.02, "rank": "step",
+             **{k: v for k, v in m["config"].items() if k != "steps"}}  # older states
     here = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "steps"}
     if saved != here:
         diff = ", ".join(f"{k}={saved.get(k)} (now {here[k]})" for k in here if saved.get(k) != here[k])
@@ -457,8 +466,8 @@ def label_oracle(model, cache: list[Cached], cfg: TrainConfig, log: Callable[[st
     """Set every sequence's oracle bins at cfg.oracle_kl (the per-bin KLs are computed once and kept)."""
     t0 = time.time()
     for c in cache:
-        if c.bin_kl is None or c.bin_kl.shape[1] != cfg.bins:
-            c.bin_kl = bin_kls(model, c, cfg.bins, cfg.k, cfg.eps)
+        if c.bin_kl is None or c.bin_kl.shape[1] != cfg.bins or c.bin_kl_rank != cfg.rank:
+            c.bin_kl, c.bin_kl_rank = bin_kls(model, c, cfg.bins, cfg.k, cfg.eps, cfg.rank), cfg.rank
         c.oracle = oracle_from_kls(c.bin_kl, cfg.oracle_kl)
     if log:
         bins = torch.cat([c.oracle for c in cache])
@@ -472,7 +481,8 @@ def _train(model, processor, images, prompts, answers, cfg, out, max_new_tokens,
     from tqdm import tqdm
 
     device = next(model.parameters()).device
-    predictor = new_predictor(cfg.arch, cfg.bins, cfg.k, cfg.features, cfg.history, cfg.hidden, model, cfg.seed).to(device)
+    predictor = new_predictor(cfg.arch, cfg.bins, cfg.k, cfg.features, cfg.history, cfg.hidden, model, cfg.seed,
+                              rank=cfg.rank).to(device)
     opt = torch.optim.AdamW(predictor.parameters(), lr=cfg.lr, weight_decay=0.0)
     spath = state_path(out)
     start, history = 0, []

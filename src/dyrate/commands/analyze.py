@@ -1,10 +1,13 @@
 """Where does the newest token look? The mean attention share of the system prompt (sys), image
 (img), instruction (ins) and response so far (res) at the probe layer, against generation step,
 for several layers: the seed's central figure. Writes a PNG and the numbers as JSON.
+With --policy SPEC: the share vector that policy's probe saw, the rate it chose and the image
+tokens it kept, against generation step (mean over rows, and one row token by token).
 
 Examples:
   dyrate analyze --data runs/heldout --out docs/img/shares.png
   dyrate analyze --model runs/testbed --data runs/heldout --task vqa --layers 0,1,3 --out shares.png
+  dyrate analyze --data runs/heldout --policy dyrate:k=2 --mode mask --out rate.png
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=50, help="rows to analyse [50]")
     p.add_argument("--max-new-tokens", type=int, default=48, help="generation steps at most [48]")
     p.add_argument("--batch-size", type=int, default=8, help="rows per generate call [8]")
+    p.add_argument("--policy", default=None, help="plot this pruning policy's chosen rate and shares instead (e.g. dyrate:k=2)")
+    p.add_argument("--mode", default="evict", choices=("evict", "mask"), help="with --policy: inference mode [evict]")
     p.add_argument("--out", type=Path, required=True, help="PNG to write (the numbers go next to it as .json)")
     p.add_argument("--json", type=Path, default=None, help="where the JSON goes [OUT with suffix .json]")
 
@@ -49,7 +54,7 @@ def _layers(text: str | None, n_layers: int) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..analyze import attention_shares, plot_shares
+    from ..analyze import attention_shares, plot_policy, plot_shares, policy_trace
     from ..errors import InputError
     from ..evaluation.datasets import load_dataset
     from .common import load_model
@@ -59,17 +64,37 @@ def run(args: argparse.Namespace) -> int:
     for name in ("limit", "max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.policy is not None and args.layers is not None:
+        raise InputError("--layers and --policy exclude each other (a policy probes its own layer K-1)")
+    if args.policy is not None:
+        from ..policies import parse_policy
+
+        parse_policy(args.policy)  # a bad spec fails before the model loads
     data = load_dataset(args.task, args.data, limit=args.limit)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    layers = _layers(args.layers, model.config.get_text_config().num_hidden_layers)
     prompts = [args.prompt if args.task == "caption" else r.question for r in data.rows]
     images = [r.image for r in data.rows]
+    model_name = args.model or "built-in testbed model"
+    json_path = args.json or args.out.with_suffix(".json")
+    if args.policy is not None:
+        with tqdm(total=len(prompts), unit="row", desc="analyze", file=sys.stderr) as bar:
+            result = policy_trace(model, processor, images, prompts, args.policy, args.mode, args.max_new_tokens,
+                                  args.batch_size, bar.update)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        plot_policy(result, args.out, title=f"{model_name}: {result['policy']} ({args.mode}), {args.task}, {len(prompts)} rows")
+        json_path.write_text(json.dumps({"model": model_name, "data": str(data.path), "task": args.task,
+                                         "rows": len(prompts), **result}, indent=1) + "\n")
+        n = len(result["count"])
+        print(f"{result['policy']} ({args.mode}): mean rate {sum(result['rate']) / max(n, 1):.3f} over {n} steps, "
+              f"from {min(result['rate']):.2f} to {max(result['rate']):.2f}; mean kept after layer K-1 "
+              f"{sum(result['kept']) / max(n, 1):.3f}")
+        print(f"wrote {args.out} and {json_path}")
+        return 0
+    layers = _layers(args.layers, model.config.get_text_config().num_hidden_layers)
     with tqdm(total=len(layers) * len(prompts), unit="row", desc="analyze", file=sys.stderr) as bar:
         result = attention_shares(model, processor, images, prompts, layers, args.max_new_tokens, args.batch_size, bar.update)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    model_name = args.model or "built-in testbed model"
     plot_shares(result, args.out, title=f"{model_name}: {args.task}, {len(prompts)} rows")
-    json_path = args.json or args.out.with_suffix(".json")
     payload = {
         "model": model_name,
         "data": str(data.path),

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history", type=int, default=8, help="gru: window of share vectors, 0 = unbounded (default 8)")
     p.add_argument("--hidden", type=int, default=32, help="hidden size of the predictor (default 32)")
     p.add_argument("--step-feature", action="store_true", help="also feed log(1 + decode step) to the predictor")
+    p.add_argument("--rank", choices=("step", "prefill"), default="step",
+                   help="what ranks the image tokens a bin keeps: each step's probe (default, DESIGN) or the "
+                        "prefill's, as FastV (our extension; stored in the file, used at inference)")
     p.add_argument("--hidden-feature", action="store_true",
                    help="also feed the newest token's hidden state after layer K-1 (RMS-normalised) to the predictor "
                         "(our extension: it tells which token comes next)")
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
                       features=features, steps=args.steps, batch=args.batch, lr=args.lr, lam=args.lam,
                       target_keep=args.target_keep, budget_weight=args.budget_weight, tau_start=args.tau_start,
                       tau_end=args.tau_end, straight_through=args.straight_through, seed=args.seed, objective=args.objective,
-                      oracle_kl=args.oracle_kl)
+                      oracle_kl=args.oracle_kl, rank=args.rank)
     if not args.out.endswith(".safetensors"):
         raise InputError(f"--out {args.out!r} must end in .safetensors")
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)

@@ -101,6 +101,18 @@ class DyRate(Policy):
         state["rate"] = rate  # the chosen rate, for the trace (see rate())
         return keep_counts(rate, probe.n_img)
 
+    def scores(self, stage: int, probe: Probe, state) -> torch.Tensor:
+        """The probe's attention (rank "step"), or the prefill's for every step (rank "prefill"):
+        the slots the prefill probe saw keep their indices (the probe layer's segment is never
+        compacted), later slots are never image tokens."""
+        if self.model.config.rank == "step":
+            return probe.img_scores
+        if probe.step == 0:
+            state["prefill_scores"] = probe.img_scores  # (B, S_prefill)
+        first = state["prefill_scores"]
+        pad = probe.img_scores.shape[1] - first.shape[1]
+        return torch.cat([first, first.new_zeros(first.shape[0], pad)], dim=1) if pad else first  # (B, S)
+
     def rate(self, stage: int, probe: Probe, keep: torch.Tensor, state) -> torch.Tensor:
         return state["rate"]
 
