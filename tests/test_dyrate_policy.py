@@ -217,3 +217,33 @@ def test_prefill_rank_at_bin_i_equals_fastv(tiny, images, prompts, tmp_path, arc
     beams = run(tiny, images, prompts, f"{ARCH_POLICY[arch]}:k={K},predictor={path}", mode, num_beams=2)
     ref_beams = run(tiny, images, prompts, f"fastv:k={K},r={bin_ / 10}", mode, num_beams=2)
     assert [r.token_ids for r in beams] == [r.token_ids for r in ref_beams]
+
+
+def test_quantile_bin(tiny, images, prompts, tmp_path):
+    """q=Q picks the lowest bin whose cumulative predicted probability reaches Q (checked against
+    the predictor's own logits on the trace's inputs); q near 0 keeps everything, q near 1 prunes
+    the most; bad q values are refused."""
+    from dyrate.policies.dyrate import DyRate
+    from dyrate.predictor import feature_vector
+
+    pred = new_predictor("mlp", k=K, model=tiny[0], features=("shares", "step"), seed=3)
+    with torch.no_grad():
+        pred.net[-1].bias.copy_(torch.linspace(-1.0, 1.0, 10))  # a spread distribution
+    path = write(pred, tmp_path / "p.safetensors")
+    for q in (0.05, 0.5, 0.95):
+        out = run(tiny, images, prompts, f"dyrate:predictor={path},q={q}", "mask", n=2, max_new_tokens=4)
+        for r in out:
+            for t, e in enumerate(r.trace):
+                shares = torch.tensor([[e["shares"][0][g] for g in ("sys", "img", "ins", "res")]])
+                with torch.no_grad():
+                    cdf = pred(feature_vector(shares, t, pred.config.features)).softmax(-1).cumsum(-1)[0]
+                want = int((cdf < q).sum().clamp(max=9))
+                assert e["rate"][0] == pytest.approx(want / 10), (q, t)
+    lo = run(tiny, images, prompts, f"dyrate:predictor={path},q=0.001", "evict", n=1, max_new_tokens=3)[0]
+    hi = run(tiny, images, prompts, f"dyrate:predictor={path},q=0.999", "evict", n=1, max_new_tokens=3)[0]
+    assert lo.retained > hi.retained
+    assert parse_policy(f"dyrate:predictor={path},q=0.2").spec().endswith(",q=0.2")
+    assert isinstance(parse_policy(f"dyrate:predictor={path}"), DyRate)
+    for bad in ("q=0", "q=1.5", "q=abc"):
+        with pytest.raises(PolicySpecError, match="q="):
+            parse_policy(f"dyrate:predictor={path},{bad}")

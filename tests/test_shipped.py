@@ -74,6 +74,9 @@ def test_shipped_predictors_match_the_model(shipped):
     for arch, name in (("mlp", "dyrate"), ("gru", "dyrate-rnn")):
         policy = parse_policy(f"{name}:predictor={predictor_path(arch)}")
         policy.check_model(model)  # fingerprint: this exact model
+        per_token = parse_policy(f"{name}:predictor={predictor_path(arch, 'hidden-prefill')},q=0.15")
+        per_token.check_model(model)
+        assert per_token.model.config.features == ("shares", "hidden") and per_token.model.config.rank == "prefill"
 
 
 def _scene_png():

@@ -1,7 +1,10 @@
 """DyRate (learned rate): at every step a predictor maps the probe's share vector (sys, img, ins, res)
 to logits over B reduction rates {0, 1/B, ..., (B-1)/B}; the argmax bin i keeps
-ceil((1 - i/B) * n_img) image tokens from layer K on. `dyrate:k=K,predictor=FILE` uses an MLP on the
-current share vector; `dyrate-rnn` (dyrate_rnn.py) a GRU over the last N share vectors. Without
+ceil((1 - i/B) * n_img) image tokens from layer K on. `q=Q` (our extension) takes the Q-quantile
+bin of the predicted distribution instead of the argmax: the lowest bin whose cumulative
+probability reaches Q, a knob between quality and cost that needs no retraining.
+`dyrate:k=K,predictor=FILE` uses an MLP on the current share vector; `dyrate-rnn` (dyrate_rnn.py)
+a GRU over the last N share vectors. Without
 predictor=, the predictor shipped for the built-in testbed model is used (`dyrate.testbed.shipped`).
 
 The predictor file (see `dyrate.predictor`) is read when the policy is built. Checks: its arch, its
@@ -24,8 +27,9 @@ from .base import Policy, Probe, check_layer, keep_counts
 class DyRate(Policy):
     predictor: str = ""
     k: int | None = None
+    q: float | None = None  # None: argmax bin; else the q-quantile bin of the predicted distribution
     model: object = field(default=None, compare=False, repr=False)  # the loaded RatePredictor
-    PARAMS = ("k", "predictor")
+    PARAMS = ("k", "predictor", "q")
     name = "dyrate"
     arch = "mlp"
     decode_probe = True
@@ -48,6 +52,8 @@ class DyRate(Policy):
             )
         if self.k is None:
             object.__setattr__(self, "k", self.model.config.k)
+        if self.q is not None and not 0.0 < self.q < 1.0:
+            raise PolicySpecError(f"{self.name}: q={self.q} must lie in (0, 1) (leave it out for the argmax bin)")
         check_layer(self.k)
         check_predictor(None, self.model, k=self.k, name=f"predictor {self.predictor or '(given)'}")
         self.model.eval()
@@ -97,7 +103,12 @@ class DyRate(Policy):
             net.to(probe.shares.device)
         x = feature_vector(probe.shares, probe.step, net.config.features, probe.hidden)  # (B, F)
         logits = net.step(x, state)  # (B, bins)
-        rate = logits.argmax(-1).float() / self.bins  # (B,) i / B
+        if self.q is None:
+            bin_ = logits.argmax(-1)  # (B,)
+        else:  # the lowest bin whose cumulative probability reaches q: a lower q prunes less
+            cdf = logits.float().softmax(-1).cumsum(-1)  # (B, bins)
+            bin_ = (cdf < self.q).sum(-1).clamp(max=self.bins - 1)
+        rate = bin_.float() / self.bins  # (B,) i / B
         state["rate"] = rate  # the chosen rate, for the trace (see rate())
         return keep_counts(rate, probe.n_img)
 
@@ -120,9 +131,15 @@ class DyRate(Policy):
         return None  # data-dependent
 
     def spec(self) -> str:
-        return f"{self.name}:k={self.k},predictor={self.predictor}"
+        q = "" if self.q is None else f",q={self.q:g}"
+        return f"{self.name}:k={self.k},predictor={self.predictor}{q}"
 
     @classmethod
     def from_params(cls, params: dict[str, str]):
         k = params.get("k")
-        return cls(predictor=params.get("predictor", ""), k=int(k) if k is not None else None)
+        q = params.get("q")
+        try:
+            q = float(q) if q is not None else None
+        except ValueError:
+            raise PolicySpecError(f"{cls.name}: q={params['q']!r} is not a number") from None
+        return cls(predictor=params.get("predictor", ""), k=int(k) if k is not None else None, q=q)

@@ -3,7 +3,9 @@
 Layout, under `dyrate/assets/testbed/`: an ordinary HF checkpoint directory (config, fp16
 safetensors, tokenizer, processor, `testbed.json`), `quality.json` (the held-out figures recorded
 in docs/testbed.md, which a test re-checks on a few scenes) and `predictors/` (DyRate rate
-predictors trained for this model: `mlp.safetensors`, `gru.safetensors`).
+predictors trained for this model: `mlp.safetensors`, `gru.safetensors`, the defaults of `dyrate`
+and `dyrate-rnn`; `mlp-hidden-prefill.safetensors`, `gru-hidden-prefill.safetensors`, the
+per-token variants of docs/dyrate.md, for mask mode with `q=`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ def model_dir() -> Path:
     return ASSET_DIR
 
 
-def predictor_path(arch: str = "mlp") -> Path:
-    """A shipped DyRate predictor file for the shipped model ('mlp' or 'gru')."""
-    path = ASSET_DIR / "predictors" / f"{arch}.safetensors"
+def predictor_path(arch: str = "mlp", variant: str = "") -> Path:
+    """A shipped DyRate predictor file for the shipped model ('mlp' or 'gru'; variant '' for the
+    default, 'hidden-prefill' for the per-token one)."""
+    path = ASSET_DIR / "predictors" / (f"{arch}-{variant}.safetensors" if variant else f"{arch}.safetensors")
     if not path.is_file():
         raise CheckpointError(f"no shipped {arch!r} predictor ({path}); train one with `dyrate train-predictor`")
     return path
