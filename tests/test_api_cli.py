@@ -187,3 +187,23 @@ def test_demo_runs_on_a_given_model(tmp_path, tiny_dir, capsys):
     assert main(["demo", "--model", str(tiny_dir), "--scene", "-1"]) == 2
     assert "--scene must be >= 0" in capsys.readouterr().err
     assert main(["demo", "--model", str(tiny_dir), "--policies", "fastv:k=9"]) == 2
+
+
+def test_demo_mode_reaches_every_generate_call(tiny_dir, capsys, monkeypatch):
+    import dyrate.api
+
+    seen = []
+    real = dyrate.api.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("mode"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dyrate.api, "generate", spy)
+    assert main(["demo", "--model", str(tiny_dir), "--mode", "mask", "--policies", "none;fixed:k=2,r=0.5",
+                 "--max-new-tokens", "2"]) == 0
+    assert "cost (mask mode)" in capsys.readouterr().out
+    assert seen == ["mask"] * 4  # warm-up + timed call per policy
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--model", str(tiny_dir), "--mode", "sideways"])
+    assert exit_.value.code == 2 and "invalid choice: 'sideways'" in capsys.readouterr().err

@@ -6,6 +6,7 @@ Examples:
   dyrate demo
   dyrate demo --scene 3 --policies 'none;fastv:k=2,r=0.75;random:k=2,r=0.75'
   dyrate demo --model runs/testbed --out demo/
+  dyrate demo --mode mask --policies 'none;fastv:k=2,r=0.7;dyrate:k=2,predictor=src/dyrate/assets/testbed/predictors/mlp-hidden-prefill.safetensors,q=0.15'
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--policies", default=None,
                    help=f"policy specs separated by ';' (default: {';'.join(BASELINES)}, and DyRate with the shipped predictor)")
+    p.add_argument("--mode", default="evict", choices=("evict", "mask"),
+                   help="evict (default) or mask, for every policy (the per-token DyRate predictors need mask)")
     p.add_argument("--scene", type=int, default=0, help="which held-out scene (seed-1 set, index >= 0) [0]")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate per answer at most [48]")
     p.add_argument("--out", default=None, help="directory for the scene image (default: a temporary directory)")
@@ -85,14 +88,15 @@ def run(args: argparse.Namespace) -> int:
     for q in questions:
         answers.add_column(f"'{q.question}'", ratio=1)
     answers.add_row("[italic]truth[/]", caption(scene), *(q.answer for q in questions), end_section=True)
-    cost = Table(title="cost")
+    cost = Table(title=f"cost ({args.mode} mode)")
     for col in ("policy", "image tokens kept", "FLOPs prefill", "FLOPs cached", "time (s)"):
         cost.add_column(col, no_wrap=col == "policy", justify="left" if col == "policy" else "right")
     images = [image] * len(prompts)
     for policy in policies:
-        generate(model, processor, images, prompts, policy=policy, max_new_tokens=args.max_new_tokens)  # warm-up
+        generate(model, processor, images, prompts, policy=policy, mode=args.mode, max_new_tokens=args.max_new_tokens)  # warm-up
         start = time.perf_counter()
-        results = generate(model, processor, images, prompts, policy=policy, max_new_tokens=args.max_new_tokens)
+        results = generate(model, processor, images, prompts, policy=policy, mode=args.mode,
+                           max_new_tokens=args.max_new_tokens)
         elapsed = time.perf_counter() - start
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         name = _short(results[0].policy)
