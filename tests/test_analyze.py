@@ -37,14 +37,20 @@ def test_shares_sum_to_one_and_match_eager_attention(tiny, images, prompts):
     assert one["sys"][0] == pytest.approx(float(att[:first].sum()), abs=1e-4)
 
 
-def test_cli_writes_png_and_json(tmp_path, tiny_dir, images, capsys):
+def _caption_folder(tmp_path, images):
+    """A caption data folder (COCO captions.json + images/) with the given images."""
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     for i, img in enumerate(images):
         img.save(data / "images" / f"{i}.png")
-    coco = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(3)],
-            "annotations": [{"id": i, "image_id": i, "caption": "noise"} for i in range(3)]}
+    coco = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(len(images))],
+            "annotations": [{"id": i, "image_id": i, "caption": "noise"} for i in range(len(images))]}
     (data / "captions.json").write_text(json.dumps(coco))
+    return data
+
+
+def test_cli_writes_png_and_json(tmp_path, tiny_dir, images, capsys):
+    data = _caption_folder(tmp_path, images)
     out = tmp_path / "shares.png"
     rc = main(["analyze", "--model", str(tiny_dir), "--data", str(data), "--layers", "0,1", "--limit", "2",
                "--max-new-tokens", "4", "--out", str(out)])
@@ -85,13 +91,7 @@ def test_policy_trace_against_the_generation_trace(tiny, images, prompts, tmp_pa
     with pytest.raises(Exception, match="never probes"):
         policy_trace(model, processor, images, prompts, "none")
 
-    data = tmp_path / "data"
-    (data / "images").mkdir(parents=True)
-    for i, img in enumerate(images):
-        img.save(data / "images" / f"{i}.png")
-    coco = {"images": [{"id": i, "file_name": f"{i}.png"} for i in range(3)],
-            "annotations": [{"id": i, "image_id": i, "caption": "noise"} for i in range(3)]}
-    (data / "captions.json").write_text(json.dumps(coco))
+    data = _caption_folder(tmp_path, images)
     out = tmp_path / "rate.png"
     base = ["analyze", "--model", str(tiny_dir), "--data", str(data), "--limit", "2", "--max-new-tokens", "4", "--out", str(out)]
     assert main([*base, "--policy", spec, "--mode", "mask"]) == 0

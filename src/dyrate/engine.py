@@ -45,7 +45,6 @@ class Segment:
 
     def __init__(self, start: int, end: int, col: torch.Tensor, valid: torch.Tensor, attend: torch.Tensor):
         self.start, self.end = start, end  # first decoder layer, one past the last
-        self.groups: torch.Tensor | None = None  # (B, S) long, group of every slot (PAD for invalid), see _recount
         self.n_keys: torch.Tensor | None = None  # (B,) attended keys, kept up to date (see Engine._recount)
         self.n_img: torch.Tensor | None = None  # (B,) attended image keys
         self.set_slots(col, valid, attend)
@@ -58,21 +57,21 @@ class Segment:
         self._col = torch.cat([col, col.new_zeros(b, spare)], dim=1)  # (B, cap)
         self._valid = torch.cat([valid, valid.new_ones(b, spare)], dim=1)
         self._attend = torch.cat([attend, attend.new_ones(b, spare)], dim=1)
-        self._groups = col.new_full((b, n + spare), RES)
-        self.dense = bool(attend.all() and valid.all())  # masks can be skipped (SDPA is_causal / no mask)
+        self._groups = col.new_full((b, n + spare), RES)  # the first n are set by Engine._recount
+        self.dense = bool(attend.all())  # attend <= valid, so every slot valid and attended: no mask needed
 
     col = property(lambda self: self._col[:, : self.n])  # (B, S)
     valid = property(lambda self: self._valid[:, : self.n])  # (B, S)
     attend = property(lambda self: self._attend[:, : self.n])  # (B, S)
 
     @property
-    def groups(self) -> torch.Tensor | None:
+    def groups(self) -> torch.Tensor:
+        """(B, S) long group of every slot (PAD for invalid slots)."""
         return self._groups[:, : self.n]
 
     @groups.setter
-    def groups(self, value: torch.Tensor | None) -> None:
-        if value is not None:
-            self._groups[:, : self.n] = value
+    def groups(self, value: torch.Tensor) -> None:
+        self._groups[:, : self.n] = value
 
     def set_attend(self, attend: torch.Tensor) -> None:
         """Mask mode: new attended keys (B, S) over the same slots."""

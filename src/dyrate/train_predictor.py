@@ -42,6 +42,7 @@ from .api import build_prompt, read_image
 from .engine import IMG, RES
 from .errors import CheckpointError, InputError
 from .predictor import (
+    RANKS,
     RatePredictor,
     check_predictor,
     feature_vector,
@@ -81,8 +82,8 @@ class TrainConfig:
 
     def __post_init__(self):
         self.features = tuple(self.features)
-        if self.rank not in ("step", "prefill"):
-            raise InputError(f"rank must be step or prefill, got {self.rank!r}")
+        if self.rank not in RANKS:
+            raise InputError(f"rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
         if self.objective not in OBJECTIVES:
             raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if (self.lam is None) == (self.target_keep is None):
@@ -452,8 +453,7 @@ def build_cache(model, processor, images, prompts, cfg: TrainConfig, max_new_tok
         responses = reference_responses(model, processor, answers)
     else:
         responses = greedy_responses(model, processor, images, prompts, max_new_tokens)
-    with frozen(model):
-        cache = [prepare(model, processor, im, pr, resp, cfg.k) for im, pr, resp in zip(images, prompts, responses)]
+    cache = [prepare(model, processor, im, pr, resp, cfg.k) for im, pr, resp in zip(images, prompts, responses)]
     if log:
         log(f"{len(cache)} teacher-forced sequences, {sum(c.n_steps for c in cache)} response steps "
             f"({time.time() - t0:.1f} s)")
@@ -537,5 +537,6 @@ def evaluate(model, predictor: RatePredictor, cache: list[Cached], cfg: TrainCon
     return parts
 
 
-__all__ = ["OBJECTIVES", "Cached", "TrainConfig", "bin_kls", "build_cache", "evaluate", "label_oracle", "oracle_from_kls", "folder_samples", "gumbel_softmax", "prepare",
-           "pruned_logprobs", "reference_responses", "sequence_loss", "shares_of", "testbed_samples", "train"]
+__all__ = ["OBJECTIVES", "Cached", "TrainConfig", "bin_kls", "build_cache", "evaluate", "folder_samples", "gumbel_softmax",
+           "label_oracle", "oracle_from_kls", "prepare", "pruned_logprobs", "reference_responses", "sequence_loss",
+           "shares_of", "step_hidden", "testbed_samples", "train"]

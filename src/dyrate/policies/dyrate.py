@@ -137,9 +137,6 @@ class DyRate(Policy):
     @classmethod
     def from_params(cls, params: dict[str, str]):
         k = params.get("k")
-        q = params.get("q")
-        try:
-            q = float(q) if q is not None else None
-        except ValueError:
-            raise PolicySpecError(f"{cls.name}: q={params['q']!r} is not a number") from None
-        return cls(predictor=params.get("predictor", ""), k=int(k) if k is not None else None, q=q)
+        q = params.get("q")  # a non-number: parse_policy reports the ValueError
+        return cls(predictor=params.get("predictor", ""), k=int(k) if k is not None else None,
+                   q=float(q) if q is not None else None)
