@@ -71,6 +71,41 @@ def test_task_weights_mixture():
     assert [sample_example(5000 + i) for i in range(50)] == [sample_example(5000 + i, dict(TASK_WEIGHTS)) for i in range(50)]
     qa_only = parse_task_weights("caption=0,qa=1,pope=0")
     assert {sample_example(5000 + i, qa_only).task for i in range(50)} == {"qa"}
-    for bad in ("caption=1,qa=1", "caption=x,qa=1,pope=1", "caption=-1,qa=1,pope=1", "caption=0,qa=0,pope=0"):
+    with_dialog = parse_task_weights("caption=0,qa=0,pope=0,dialog=1")
+    assert {sample_example(5000 + i, with_dialog).task for i in range(20)} == {"dialog"}
+    # A zero dialog weight leaves the stream of the three-task mixture unchanged.
+    zero = parse_task_weights("caption=0.4,qa=0.4,pope=0.2,dialog=0")
+    assert [sample_example(5000 + i, zero) for i in range(50)] == [sample_example(5000 + i) for i in range(50)]
+    for bad in ("caption=1,qa=1", "caption=x,qa=1,pope=1", "caption=-1,qa=1,pope=1", "caption=0,qa=0,pope=0",
+                "caption=1,qa=1,pope=1,chat=1", "qa=1,pope=1,dialog=1"):
         with pytest.raises(InputError, match="--task-weights"):
             parse_task_weights(bad)
+
+
+def test_dialog_turns_are_correct_and_need_binding():
+    from dyrate.testbed.data import binding_negatives, parse_task_weights
+
+    weights = parse_task_weights("caption=0,qa=0,pope=0,dialog=1")
+    n_hard = 0
+    for i in range(60):
+        ex = sample_example(7000 + i, weights)
+        assert ex == sample_example(7000 + i, weights)
+        turns = [(ex.question, ex.answer), *ex.more]
+        qa = [(q, a) for q, a in turns if not q.startswith("is there")]
+        pope = [(q, a) for q, a in turns if q.startswith("is there")]
+        assert sorted(a for _, a in pope) == ["no", "yes"]
+        assert len(qa) >= 4  # colour, count, shape, size always apply; position when nameable
+        for q, a in pope:
+            assert L.answer(ex.scene, L.Question("pope", q, a)) == a
+        for q, a in qa:
+            qtype = next(t for t, head in (("colour", "what colour"), ("count", "how many"), ("position", "where"),
+                                           ("shape", "which shape"), ("size", "is the")) if q.startswith(head))
+            assert L.answer(ex.scene, L.Question(qtype, q, a)) == a
+        hard = binding_negatives(ex.scene)
+        colours, shapes = {o.colour for o in ex.scene.objects}, {o.shape for o in ex.scene.objects}
+        assert all(c in colours and s in shapes and (c, s) not in {o.category for o in ex.scene.objects} for c, s in hard)
+        if hard:
+            n_hard += 1
+            (neg,) = [q for q, a in pope if a == "no"]
+            assert any(L.pope_question(*c) == neg for c in hard)
+    assert n_hard > 10

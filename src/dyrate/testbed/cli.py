@@ -68,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="weight of the per-patch loss on the projector output (attributes and grid cell), 0 = off [0.5]",
     )
     p.add_argument(
+        "--loc-aux-weight", type=float, default=0.0,
+        help="weight of a per-patch location loss on the projector output (the 3x3 grid cell each patch lies "
+        "in), so image embeddings carry where they are, not only RoPE order; 0 = off [0]",
+    )
+    p.add_argument(
         "--drop-prob", type=float, default=0.0,
         help="image-token dropout: fraction of examples whose image tokens are randomly hidden from a random "
         "decoder layer on (robustness to pruning; 0 = off) [0]",
@@ -78,7 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of the dropout examples that hide background patches first instead of uniformly random ones [0]",
     )
     p.add_argument("--task-weights", default=None,
-                   help="training mixture, e.g. caption=0.2,qa=0.5,pope=0.3 (default caption=0.4,qa=0.4,pope=0.2)")
+                   help="training mixture, e.g. caption=0.2,qa=0.5,pope=0.3 (default caption=0.4,qa=0.4,pope=0.2); "
+                        "an optional dialog=W adds multi-turn examples: every question type plus a POPE pair "
+                        "(binding negative) about one image")
     p.add_argument("--init", type=Path, default=None, help="warm start from the weights of an earlier run's --out (new optimizer and LR schedule)")
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints [300]")
@@ -153,6 +160,7 @@ def _run_train(args) -> int:
         vision_lr_mult=args.vision_lr_mult,
         aux_weight=args.aux_weight,
         proj_aux_weight=args.proj_aux_weight,
+        loc_aux_weight=args.loc_aux_weight,
         init=None if args.init is None else str(args.init),
         drop_prob=args.drop_prob,
         drop_max_rate=args.drop_max_rate,

@@ -13,15 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import language as L
-from .scenes import Scene, sample_scene, render
+from .scenes import Scene, category_prior, render, sample_scene
 
 # Scene seeds: evaluation set S uses EVAL_BASE + S * SPAN + i, training seed T uses
 # TRAIN_BASE + T * TRAIN_SPAN + step * batch + i. The ranges never meet for S, T < 1000.
 EVAL_BASE, SPAN = 0, 1_000_000
 TRAIN_BASE, TRAIN_SPAN = 2_000_000_000, 1_000_000_000
 
-# Task mixture of training (probabilities).
+# Task mixture of training (probabilities). "dialog" (several questions about one image in one
+# multi-turn example, see `dialog_turns`) is optional and off unless named in --task-weights.
 TASK_WEIGHTS = {"caption": 0.4, "qa": 0.4, "pope": 0.2}
+OPTIONAL_TASKS = ("dialog",)
 
 
 def eval_scene_seed(seed: int, i: int) -> int:
@@ -35,18 +37,22 @@ def train_scene_seed(seed: int, step: int, batch_size: int, i: int) -> int:
 @dataclass(frozen=True)
 class Example:
     scene: Scene
-    task: str  # caption / qa / pope
+    task: str  # caption / qa / pope / dialog
     question: str
     answer: str
+    more: tuple[tuple[str, str], ...] = ()  # later (question, answer) turns of a dialog
 
 
 def sample_example(scene_seed: int, task_weights: dict[str, float] | None = None) -> Example:
     """One (scene, question, answer) training example, deterministic from the scene seed (and the
     task mixture, TASK_WEIGHTS unless given)."""
-    weights = TASK_WEIGHTS if task_weights is None else task_weights
+    weights = TASK_WEIGHTS if task_weights is None else {t: w for t, w in task_weights.items() if w > 0}
     scene = sample_scene(scene_seed)
     rng = random.Random(scene_seed ^ 0x5EED)
     task = rng.choices(list(weights), weights=list(weights.values()))[0]
+    if task == "dialog":
+        (question, ans), *more = dialog_turns(scene, rng)
+        return Example(scene, task, question, ans, tuple(more))
     if task == "caption":
         style = rng.choice(list(L.CAPTION_PROMPTS))
         return Example(scene, task, L.CAPTION_PROMPTS[style], L.caption(scene, style))
@@ -59,6 +65,31 @@ def sample_example(scene_seed: int, task_weights: dict[str, float] | None = None
     split = rng.choice(L.POPE_SPLITS)
     question, ans = rng.choice(L.pope_questions(scene, split))
     return Example(scene, task, question, ans)
+
+
+def binding_negatives(scene: Scene) -> list[tuple[str, str]]:
+    """Absent (colour, shape) categories whose colour and shape both occur in the scene, on
+    different objects ('a purple cross' beside a purple square and a green cross): only binding
+    colour to shape answers them, so checking colours or shapes alone cannot."""
+    present = {o.category for o in scene.objects}
+    colours = sorted({o.colour for o in scene.objects})
+    shapes = sorted({o.shape for o in scene.objects})
+    return [(c, s) for c in colours for s in shapes if (c, s) not in present]
+
+
+def dialog_turns(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
+    """Several (question, answer) turns about one scene, in random order: one short-answer
+    question of every type that applies, one POPE positive and one POPE negative (a binding
+    negative if the scene has one, else a random absent category). One image pass then trains
+    up to seven lookups, each needing the object named by the question."""
+    turns = [(q.question, q.answer) for t in L.QA_TYPES if (q := L.question_of_type(scene, t, rng)) is not None]
+    present = sorted({o.category for o in scene.objects})
+    turns.append((L.pope_question(*rng.choice(present)), "yes"))
+    hard = binding_negatives(scene)
+    absent = hard or [c for c in sorted(category_prior()) if c not in present]
+    turns.append((L.pope_question(*rng.choice(absent)), "no"))
+    rng.shuffle(turns)
+    return turns
 
 
 # ---------------------------------------------------------------- evaluation files
@@ -121,7 +152,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def parse_task_weights(text: str) -> dict[str, float]:
-    """'caption=0.2,qa=0.5,pope=0.3' -> {task: weight}; every task of TASK_WEIGHTS must be named."""
+    """'caption=0.2,qa=0.5,pope=0.3' -> {task: weight}; every task of TASK_WEIGHTS must be named,
+    an OPTIONAL_TASKS one ('dialog=0.5') may be."""
     from ..errors import InputError
 
     out: dict[str, float] = {}
@@ -131,7 +163,8 @@ def parse_task_weights(text: str) -> dict[str, float]:
             out[name.strip()] = float(value) if eq else float("nan")
         except ValueError:
             raise InputError(f"--task-weights {text!r}: {item!r} is not TASK=WEIGHT") from None
-    if set(out) != set(TASK_WEIGHTS) or any(not w >= 0 for w in out.values()) or sum(out.values()) <= 0:
-        raise InputError(f"--task-weights {text!r}: give a weight >= 0 for each of {', '.join(TASK_WEIGHTS)}, e.g. "
-                         "caption=0.2,qa=0.5,pope=0.3")
-    return {t: out[t] for t in TASK_WEIGHTS}
+    named_ok = set(TASK_WEIGHTS) <= set(out) <= set(TASK_WEIGHTS) | set(OPTIONAL_TASKS)
+    if not named_ok or any(not w >= 0 for w in out.values()) or sum(out.values()) <= 0:
+        raise InputError(f"--task-weights {text!r}: give a weight >= 0 for each of {', '.join(TASK_WEIGHTS)} "
+                         f"(optionally {', '.join(OPTIONAL_TASKS)}), e.g. caption=0.2,qa=0.5,pope=0.3")
+    return {t: out[t] for t in (*TASK_WEIGHTS, *OPTIONAL_TASKS) if t in out}

@@ -57,6 +57,7 @@ class TrainArgs:
     min_lr_frac: float = 0.1
     aux_weight: float = 0.5
     proj_aux_weight: float = 0.5  # per-patch loss on the projector output, with the grid cell
+    loc_aux_weight: float = 0.0  # per-patch loss on the projector output: the patch's own 3x3 cell (all patches)
     init: str | None = None  # start from the weights of another run (OUT of an earlier train)
     drop_prob: float = 0.0  # image-token dropout: fraction of examples that get it (see sample_dropout)
     drop_max_rate: float = 0.9  # ... and the largest fraction of image tokens hidden
@@ -80,6 +81,9 @@ class TrainArgs:
             raise InputError(f"--batch-size must be positive, got {self.batch_size}")
         if self.lr <= 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
+        if min(self.aux_weight, self.proj_aux_weight, self.loc_aux_weight) < 0:
+            raise InputError("--aux-weight, --proj-aux-weight and --loc-aux-weight must be >= 0, got "
+                             f"{self.aux_weight}, {self.proj_aux_weight}, {self.loc_aux_weight}")
         if not 0 <= self.drop_prob <= 1 or not 0 <= self.drop_max_rate < 1 or not 0 <= self.drop_background_first <= 1:
             raise InputError(
                 f"--drop-prob and --drop-background-first must lie in [0, 1] and --drop-max-rate in [0, 1), "
@@ -114,18 +118,37 @@ class AuxHeads(nn.Module):
 
 
 class Aux(nn.Module):
-    """Both auxiliary losses: on the tower output (shape, colour, size) and on the projector
-    output, i.e. the image embeddings the decoder reads (shape, colour, size and grid cell)."""
+    """The auxiliary losses: on the tower output (shape, colour, size) and on the projector
+    output, i.e. the image embeddings the decoder reads (shape, colour, size and grid cell of the
+    covering object), and optionally (`with_loc`) the location of every patch on the projector
+    output (which of the 3x3 grid cells the patch lies in, background included)."""
 
-    def __init__(self, tower_hidden: int, text_hidden: int):
+    def __init__(self, tower_hidden: int, text_hidden: int, with_loc: bool = False):
         super().__init__()
         self.tower = AuxHeads(tower_hidden)
         self.proj = AuxHeads(text_hidden, with_cell=True)
+        self.loc = nn.Linear(text_hidden, len(POSITIONS)) if with_loc else None
+
+    def loc_loss(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """image_embeds: (B, P, D) projector output -> cross-entropy of each patch's grid cell."""
+        b, p, _ = image_embeds.shape
+        logits = self.loc(image_embeds).float()  # (B, P, 9)
+        return F.cross_entropy(logits.flatten(0, 1), patch_cells(p).to(logits.device).repeat(b))
+
+
+def patch_cells(num_patches: int) -> torch.Tensor:
+    """(P,) int64: the 3x3 grid cell (row-major, as POSITIONS) of each patch of a square grid of
+    P patches in row-major order."""
+    g = math.isqrt(num_patches)
+    idx = torch.arange(num_patches)
+    return (idx // g) * 3 // g * 3 + (idx % g) * 3 // g
 
 
 class BatchBuilder:
     """Turns examples into padded tensors: ids = bos sys 'user :' <image>*N question
-    'assistant :' answer eos; labels are -100 except on answer and eos."""
+    'assistant :' answer eos [then, for a dialog, 'user :' question 'assistant :' answer eos per
+    later turn, as the chat template writes a conversation]; labels are -100 except on answers
+    and their eos."""
 
     def __init__(self, processor, config_name: str, task_weights: dict[str, float] | None = None):
         self.spec = get_spec(config_name)
@@ -138,19 +161,24 @@ class BatchBuilder:
         # ids before the image (with bos) and the words between question and answer.
         self.head_ids = self.tok(system)["input_ids"]
         self.tail_ids = self.tok(rest.replace("Q", "", 1), add_special_tokens=False)["input_ids"]  # 'assistant :'
+        self.user_ids = self.tok(system.split("\n")[-1], add_special_tokens=False)["input_ids"]  # 'user :'
 
-    def encode(self, question: str, answer: str) -> tuple[list[int], list[int]]:
-        q = self.tok(question, add_special_tokens=False)["input_ids"]
-        a = self.tok(answer, add_special_tokens=False)["input_ids"] + [self.eos_id]
-        prompt = self.head_ids + [self.image_id] * self.spec.num_image_tokens + q + self.tail_ids
-        return prompt + a, [-100] * len(prompt) + a
+    def encode(self, question: str, answer: str, more: tuple[tuple[str, str], ...] = ()) -> tuple[list[int], list[int]]:
+        ids = self.head_ids + [self.image_id] * self.spec.num_image_tokens
+        labels = [-100] * len(ids)
+        for k, (question_, answer_) in enumerate(((question, answer), *more)):
+            q = (self.user_ids if k else []) + self.tok(question_, add_special_tokens=False)["input_ids"] + self.tail_ids
+            a = self.tok(answer_, add_special_tokens=False)["input_ids"] + [self.eos_id]
+            ids += q + a
+            labels += [-100] * len(q) + a
+        return ids, labels
 
     def build(self, scene_seeds: list[int]) -> dict[str, torch.Tensor]:
         ids, labels, images, targets = [], [], [], []
         for s in scene_seeds:
             ex = sample_example(s, self.task_weights)
             image, label_map = render(ex.scene, self.spec.image_size, with_labels=True)
-            i, l = self.encode(ex.question, ex.answer)
+            i, l = self.encode(ex.question, ex.answer, ex.more)
             ids.append(i)
             labels.append(l)
             images.append(image)
@@ -243,10 +271,12 @@ def sample_dropout(input_ids, image_token_id: int, n_layers: int, args: "TrainAr
     return start.to(input_ids.device), hidden_cols.to(input_ids.device)
 
 
-def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weight: float = 0.0, drop=None) -> tuple[torch.Tensor, dict[str, float]]:
+def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weight: float = 0.0, drop=None,
+                 loc_aux_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Response-token cross-entropy averaged per example, then over the batch (so a one-word
     answer weighs as much as a 40-word caption; a plain token mean would give short answers
-    about 10% of the gradient), plus the weighted auxiliary patch losses (tower and projector)."""
+    about 10% of the gradient), plus the weighted auxiliary patch losses (tower, projector and
+    patch location)."""
     logits, feats, image_embeds = forward_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], drop)
     # Next-token prediction: position t predicts labels[t + 1].
     targets = batch["labels"][:, 1:]  # (B, T-1)
@@ -265,6 +295,10 @@ def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weigh
         proj_loss = aux.proj.loss(image_embeds, batch["patch_targets"])
         loss = loss + proj_aux_weight * proj_loss
         parts["proj_aux"] = proj_loss.item()
+    if loc_aux_weight > 0:
+        loc_loss = aux.loc_loss(image_embeds)
+        loss = loss + loc_aux_weight * loc_loss
+        parts["loc_aux"] = loc_loss.item()
     parts["loss"] = loss.item()
     return loss, parts
 
@@ -404,8 +438,8 @@ def export(model: LlavaForConditionalGeneration, processor, out: Path, summary: 
 # ---------------------------------------------------------------- the loop
 
 
-def build_model(config_name: str, seed: int):
-    """(model, aux head, processor) of a named config, initialised from `seed`."""
+def build_model(config_name: str, seed: int, with_loc: bool = False):
+    """(model, aux heads, processor) of a named config, initialised from `seed`."""
     spec = get_spec(config_name)
     processor = build_processor(spec.image_size, spec.patch_size)
     tok = processor.tokenizer
@@ -419,7 +453,7 @@ def build_model(config_name: str, seed: int):
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    aux = Aux(config.vision_config.hidden_size, config.text_config.hidden_size)
+    aux = Aux(config.vision_config.hidden_size, config.text_config.hidden_size, with_loc)
     return model, aux, processor
 
 
@@ -430,7 +464,7 @@ def train(args: TrainArgs) -> dict:
     args.validate()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, aux, processor = build_model(args.config, args.seed)
+    model, aux, processor = build_model(args.config, args.seed, with_loc=args.loc_aux_weight > 0)
     opt = make_optimizer(model, aux, args)
     state_json = out / STATE_DIR / "state.json"
     if state_json.exists():
@@ -475,7 +509,7 @@ def train(args: TrainArgs) -> dict:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             drop = sample_dropout(batch["input_ids"], model.config.image_token_id, model.config.text_config.num_hidden_layers,
                                   args, step, background=batch["patch_targets"][..., 0] == 0)
-            loss, parts = compute_loss(model, aux, batch, args.aux_weight, args.proj_aux_weight, drop)
+            loss, parts = compute_loss(model, aux, batch, args.aux_weight, args.proj_aux_weight, drop, args.loc_aux_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
@@ -502,6 +536,7 @@ def train(args: TrainArgs) -> dict:
         "seed": args.seed,
         "init": args.init,
         "proj_aux_weight": args.proj_aux_weight,
+        "loc_aux_weight": args.loc_aux_weight,
         "drop_prob": args.drop_prob,
         "drop_max_rate": args.drop_max_rate,
         "drop_background_first": args.drop_background_first,
