@@ -34,6 +34,8 @@ def test_help(main, argv, capsys):
         ["testbed", "train", "--config", "tiny", "--steps", "1", "--threads", "0", "--out", "{tmp}/t"],
         ["testbed", "train", "--config", "tiny", "--steps", "3", "--stop-after", "0", "--out", "{tmp}/t"],
         ["testbed", "eval", "--model", "{tmp}/nothing"],
+        ["testbed", "train", "--config", "tiny", "--steps", "1", "--attn-sup-weight", "1", "--attn-sup-layers", "x", "--out", "{tmp}/t"],
+        ["testbed", "train", "--config", "tiny", "--steps", "1", "--attn-sup-weight", "1", "--attn-sup-layers", "5", "--out", "{tmp}/t"],
     ],
 )
 def test_bad_input_exit_code_2(main, argv, tmp_path, capsys):

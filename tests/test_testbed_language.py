@@ -92,3 +92,33 @@ def test_question_types_deterministic():
     assert L.short_questions(s) == L.short_questions(s)
     rng1, rng2 = random.Random(1), random.Random(1)
     assert L.question_of_type(s, "count", rng1) == L.question_of_type(s, "count", rng2)
+
+
+def test_question_type_and_named_objects():
+    from dyrate.testbed.scenes import Scene, SceneObject
+
+    red_circle = SceneObject(0, "circle", "red", "large")
+    blue_circle = SceneObject(4, "circle", "blue", "small")
+    red_star = SceneObject(8, "star", "red", "small")
+    s = Scene(0, "plain", (0, 0, 0), (red_circle, blue_circle, red_star))
+    cases = {
+        "where is the blue circle?": ("position", [blue_circle]),
+        "what colour is the star?": ("colour", [red_star]),
+        "what colour is the object at the center?": ("colour", [blue_circle]),
+        "which shape is at the bottom-right?": ("shape", [red_star]),
+        "is the red circle small or large?": ("size", [red_circle]),
+        "how many circles are there?": ("count", [red_circle, blue_circle]),
+        "how many red objects are there?": ("count", [red_circle, red_star]),
+        "how many green objects are there?": ("count", []),
+        "how many objects are there?": ("count", [red_circle, blue_circle, red_star]),
+        "is there a red star in the image?": ("pope", [red_star]),
+        "is there a blue star in the image?": ("pope", []),
+        "describe the image.": (None, []),
+    }
+    for question, (qtype, objs) in cases.items():
+        assert L.question_type(question) == qtype, question
+        assert L.named_objects(s, question) == objs, question
+    # Every generated question is typed as generated.
+    for seed in SEEDS:
+        for q in L.short_questions(sample_scene(seed)):
+            assert L.question_type(q.question) == q.type

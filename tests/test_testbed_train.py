@@ -35,7 +35,8 @@ def test_manual_forward_equals_model_forward():
 def test_labels_cover_answer_only():
     _, _, proc = build_model("tiny", 0)
     b = BatchBuilder(proc, "tiny")
-    ids, labels = b.encode("how many objects are there?", "two")
+    ids, labels, ends = b.encode("how many objects are there?", "two")
+    assert ends == [len(ids) - 3]  # the last prompt token (':'), before 'two </s>'
     answer = [i for i, l in zip(ids, labels) if l != -100]
     assert answer == proc.tokenizer("two", add_special_tokens=False)["input_ids"] + [proc.tokenizer.eos_token_id]
     assert proc.tokenizer.decode(ids[-3:-2]) == ":"  # 'assistant :' right before the answer
@@ -51,7 +52,8 @@ def test_dialog_encoding_follows_the_chat_template():
     _, _, proc = build_model("tiny", 0)
     b = BatchBuilder(proc, "tiny")
     turns = [("how many objects are there?", "two"), ("is there a red circle in the image?", "no"), ("where is the star?", "top-left")]
-    ids, labels = b.encode(*turns[0], more=tuple(turns[1:]))
+    ids, labels, ends = b.encode(*turns[0], more=tuple(turns[1:]))
+    assert [labels[e] for e in ends] == [-100] * 3 and all(labels[e + 1] != -100 for e in ends)  # each turn's last prompt token
     answers = [i for i, l in zip(ids, labels) if l != -100]
     eos = proc.tokenizer.eos_token_id
     assert answers == [t for _, a in turns for t in proc.tokenizer(a, add_special_tokens=False)["input_ids"] + [eos]]
@@ -254,5 +256,88 @@ def test_init_from_earlier_run(tmp_path):
     saved = load_file(str(tmp_path / "a" / "train_state" / "model.safetensors"))
     for n, p in model.named_parameters():
         assert torch.equal(p, saved[f"model.{n}"])
-    with pytest.raises(InputError, match="no train_state"):
+    with pytest.raises(InputError, match="neither a training state"):
         TrainArgs(config="tiny", out=str(tmp_path / "b"), steps=2, init=str(tmp_path / "missing")).validate()
+
+
+def test_init_from_exported_checkpoint(tmp_path):
+    """--init also takes an exported model directory (the shipped model has no training state)."""
+    import shutil
+
+    from transformers import LlavaForConditionalGeneration
+
+    from dyrate.testbed.train import init_from
+
+    train(tiny_args(tmp_path / "a"))
+    shutil.rmtree(tmp_path / "a" / "train_state")
+    TrainArgs(config="tiny", out=str(tmp_path / "b"), steps=2, init=str(tmp_path / "a")).validate()
+    model, aux, _ = build_model("tiny", 1)
+    counts = init_from(tmp_path / "a", model, aux)
+    assert counts["fresh"] == len(list(aux.parameters())) and counts["loaded"] == len(list(model.parameters()))
+    exported = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a", dtype=torch.float32)
+    for (n, p), (n2, p2) in zip(model.named_parameters(), exported.named_parameters()):
+        assert n == n2 and torch.equal(p, p2)
+
+
+def test_supervision_queries_point_at_the_named_objects():
+    from dyrate.testbed import language as L
+    from dyrate.testbed.data import sample_example
+
+    _, _, proc = build_model("tiny", 0)
+    weights = {"caption": 0.3, "qa": 0.3, "pope": 0.2, "dialog": 0.2}
+    builder = BatchBuilder(proc, "tiny", weights)
+    seeds = [train_scene_seed(0, 0, 24, i) for i in range(24)]
+    batch = builder.build(seeds)
+    expected = []
+    for b, s in enumerate(seeds):
+        ex = sample_example(s, weights)
+        for question, _ in ((ex.question, ex.answer), *ex.more):
+            cells = {o.cell + 1 for o in L.named_objects(ex.scene, question)}
+            on = torch.tensor([int(c) in cells for c in batch["patch_targets"][b, :, 3]])
+            if on.any():
+                expected.append((b, on))
+    assert len(expected) >= 8 and batch["sup_rows"].tolist() == [b for b, _ in expected]
+    assert torch.equal(batch["sup_mask"], torch.stack([on for _, on in expected]))
+    ends = batch["sup_pos"]
+    assert (batch["labels"][batch["sup_rows"], ends] == -100).all()  # a prompt token ...
+    assert (batch["labels"][batch["sup_rows"], ends + 1] != -100).all()  # ... right before an answer
+    # A caption names no object: no query.
+    only_captions = BatchBuilder(proc, "tiny", {"caption": 1.0, "qa": 0.0, "pope": 0.0}).build(seeds[:4])
+    assert len(only_captions["sup_rows"]) == 0 and only_captions["sup_mask"].shape == (0, 16)
+
+
+def test_supervised_attention_equals_eager_attention():
+    """The recomputed head-0 row equals transformers' own eager attention probabilities."""
+    from dyrate.testbed.train import _forward, supervised_attention
+
+    model, _, proc = build_model("tiny", 0)
+    model.eval()
+    batch = BatchBuilder(proc, "tiny", {"caption": 0.0, "qa": 0.5, "pope": 0.0, "dialog": 0.5}).build(list(range(40, 46)))
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        layer_inputs = _forward(model, *args)[3]
+        att = model(input_ids=args[0], attention_mask=args[1], pixel_values=args[2], output_attentions=True).attentions
+        is_image = batch["input_ids"] == model.config.image_token_id
+        for layer in (0, 1):
+            rows, pos = batch["sup_rows"], batch["sup_pos"]
+            ref = torch.stack([att[layer][r, 0, p][is_image[r]] for r, p in zip(rows.tolist(), pos.tolist())])  # (N, P)
+            got = supervised_attention(model.model.language_model, layer_inputs, batch, layer, model.config.image_token_id)
+            assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-6)
+
+
+def test_attention_supervision_raises_the_mass_on_named_objects(tmp_path):
+    kw = dict(task_weights="caption=0,qa=0.5,pope=0.2,dialog=0.3", attn_sup_weight=5.0, attn_sup_layers=(1,), lr=1e-2, batch_size=8)
+    train(tiny_args(tmp_path, steps=30, **kw))
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 30 and "attn_mass" in log[0]
+    assert log[-1]["attn_mass"] > 2 * log[0]["attn_mass"]
+    with pytest.raises(InputError, match="--attn-sup-layers"):
+        tiny_args(tmp_path / "x", attn_sup_weight=1.0, attn_sup_layers=(2,)).validate()  # tiny has layers 0..1
+    with pytest.raises(InputError, match="--attn-sup-weight"):
+        tiny_args(tmp_path / "x", attn_sup_weight=-1.0).validate()
+
+
+def test_bf16_default_follows_the_cpu():
+    assert TrainArgs().use_bf16() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert TrainArgs(bf16=False).use_bf16() is False and TrainArgs(bf16=True).use_bf16() is True

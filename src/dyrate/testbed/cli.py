@@ -86,8 +86,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="training mixture, e.g. caption=0.2,qa=0.5,pope=0.3 (default caption=0.4,qa=0.4,pope=0.2); "
                         "an optional dialog=W adds multi-turn examples: every question type plus a POPE pair "
                         "(binding negative) about one image")
-    p.add_argument("--init", type=Path, default=None, help="warm start from the weights of an earlier run's --out (new optimizer and LR schedule)")
-    p.add_argument("--no-bf16", action="store_true", help="train in fp32 instead of bf16 autocast")
+    p.add_argument(
+        "--attn-sup-weight", type=float, default=0.0,
+        help="weight of the attention supervision: head 0 of the --attn-sup-layers should look, from a question's "
+        "last prompt token, at the objects the question names (teaches content-addressed lookup); 0 = off [0]",
+    )
+    p.add_argument("--attn-sup-layers", default="2,3", help="decoder layers (0-based) the attention supervision applies to [2,3]")
+    p.add_argument(
+        "--init", type=Path, default=None,
+        help="warm start from the weights of an earlier run's --out, or of an exported checkpoint directory such as "
+        "the shipped model (new optimizer and LR schedule)",
+    )
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", dest="bf16", action="store_true", default=None,
+                           help="bf16 autocast (default: only where the CPU has native bf16; elsewhere it is far slower)")
+    precision.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
     p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints [300]")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads [torch default]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -123,6 +136,13 @@ def _threads(n: int | None) -> None:
         from .train import set_threads
 
         set_threads(n)
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: give comma-separated integers, e.g. 2,3") from None
 
 
 def _run_data(args) -> int:
@@ -166,7 +186,9 @@ def _run_train(args) -> int:
         drop_max_rate=args.drop_max_rate,
         drop_background_first=args.drop_background_first,
         task_weights=args.task_weights,
-        bf16=not args.no_bf16,
+        attn_sup_weight=args.attn_sup_weight,
+        attn_sup_layers=_int_list(args.attn_sup_layers, "--attn-sup-layers"),
+        bf16=args.bf16,
         save_every_s=args.save_every,
         progress=not args.quiet,
         stop_after_steps=args.stop_after,

@@ -166,10 +166,26 @@ def short_questions(scene: Scene, seed: int | None = None) -> list[Question]:
     return [q for q in out if q is not None]
 
 
-def answer(scene: Scene, q: Question) -> str:
-    """Recompute the answer of a generated question from the scene spec (used by tests)."""
-    words = [w for w in words_of(q.question) if w != "?"]
+def question_type(question: str) -> str | None:
+    """The type of a testbed question ('colour', 'count', 'position', 'shape', 'size' or 'pope')
+    read off its words; None for anything else (caption prompts)."""
+    w = words_of(question)
+    if w[:2] == ["how", "many"]:
+        return "count"
+    if w[:2] == ["is", "there"]:
+        return "pope"
+    if w[:1] == ["is"] and "small" in w and "large" in w:
+        return "size"
+    return {("where", "is"): "position", ("what", "colour"): "colour", ("which", "shape"): "shape"}.get(tuple(w[:2]))
+
+
+def named_objects(scene: Scene, question: str) -> list[SceneObject]:
+    """The objects a short-answer or POPE question is about, from the scene spec: the one object
+    it names (colour, position, shape, size questions), every object counted (possibly none), the
+    objects of the POPE category (none for an absent one); [] for a caption prompt."""
+    words = [w for w in words_of(question) if w != "?"]
     objs = list(scene.objects)
+    qtype = question_type(question)
 
     def find(words_: list[str]) -> list[SceneObject]:
         pos = next((w for w in words_ if w in POSITIONS), None)
@@ -182,21 +198,31 @@ def answer(scene: Scene, q: Question) -> str:
             and all(w not in SIZES or o.size == w for w in words_)
         ]
 
-    if q.type == "count":
+    if qtype == "count":
         if words[2] == "objects":
-            return NUMBERS[len(objs)]
+            return objs
         if words[2] in COLOUR_NAMES:
-            return NUMBERS[sum(o.colour == words[2] for o in objs)]
+            return [o for o in objs if o.colour == words[2]]
         shape = next(s for s, p in PLURALS.items() if p == words[2])
-        return NUMBERS[sum(o.shape == shape for o in objs)]
+        return [o for o in objs if o.shape == shape]
+    if qtype == "pope":
+        return [o for o in objs if o.category == (words[3], words[4])]
+    if qtype == "size":
+        return find([w for w in words if w not in SIZES])
+    if qtype in ("colour", "position", "shape"):
+        return find(words[2:] if qtype == "colour" else words)
+    return []
+
+
+def answer(scene: Scene, q: Question) -> str:
+    """Recompute the answer of a generated question from the scene spec (used by tests)."""
+    objs = named_objects(scene, q.question)
+    if q.type == "count":
+        return NUMBERS[len(objs)]
     if q.type == "pope":
-        colour, shape = words[3], words[4]
-        return "yes" if any(o.category == (colour, shape) for o in objs) else "no"
-    if q.type == "size":
-        (obj,) = find([w for w in words if w not in SIZES])
-        return obj.size
-    (obj,) = find(words[2:] if q.type == "colour" else words)
-    return {"colour": obj.colour, "shape": obj.shape, "position": obj.position}[q.type]
+        return "yes" if objs else "no"
+    (obj,) = objs
+    return {"colour": obj.colour, "shape": obj.shape, "position": obj.position, "size": obj.size}[q.type]
 
 
 # ---------------------------------------------------------------- POPE

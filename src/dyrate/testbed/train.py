@@ -36,6 +36,7 @@ from transformers import LlavaForConditionalGeneration
 from ..errors import CheckpointError, InputError
 from .configs import build_config, get_spec
 from .data import parse_task_weights, sample_example, train_scene_seed
+from .language import named_objects
 from .processing import EOS, IMAGE, build_processor, pixel_values
 from .scenes import COLOUR_NAMES, POSITIONS, SHAPES, SIZES, patch_labels, render
 
@@ -63,7 +64,9 @@ class TrainArgs:
     drop_max_rate: float = 0.9  # ... and the largest fraction of image tokens hidden
     drop_background_first: float = 0.0  # ... and the fraction of those that hide background patches first
     task_weights: str | None = None  # e.g. "caption=0.2,qa=0.5,pope=0.3" (default: data.TASK_WEIGHTS)
-    bf16: bool = True  # bf16 autocast (fast on CPUs with AMX / AVX512-BF16)
+    attn_sup_weight: float = 0.0  # attention supervision (see attention_supervision_loss), 0 = off
+    attn_sup_layers: tuple[int, ...] = (2, 3)  # ... the decoder layers whose head 0 it supervises
+    bf16: bool | None = None  # bf16 autocast; None: only where the CPU has native bf16 (else it is ~20x slower)
     save_every_s: float = 300.0
     log_every: int = 10
     progress: bool = True
@@ -91,8 +94,17 @@ class TrainArgs:
             )
         if self.task_weights is not None:
             parse_task_weights(self.task_weights)
-        if self.init is not None and not (Path(self.init) / STATE_DIR / "model.safetensors").is_file():
-            raise InputError(f"--init {self.init}: no {STATE_DIR}/model.safetensors there (give the --out of an earlier run)")
+        if self.attn_sup_weight < 0:
+            raise InputError(f"--attn-sup-weight must be >= 0, got {self.attn_sup_weight}")
+        n_layers = get_spec(self.config).text_layers
+        if self.attn_sup_weight > 0 and (not self.attn_sup_layers or any(not 0 <= i < n_layers for i in self.attn_sup_layers)):
+            raise InputError(f"--attn-sup-layers {list(self.attn_sup_layers)}: give decoder layers in 0..{n_layers - 1}")
+        if self.init is not None and not any((Path(self.init) / f).is_file() for f in (f"{STATE_DIR}/model.safetensors", "config.json")):
+            raise InputError(f"--init {self.init}: neither a training state ({STATE_DIR}/model.safetensors) nor a checkpoint "
+                             "(config.json) there (give the --out of an earlier run or an exported model)")
+
+    def use_bf16(self) -> bool:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported() if self.bf16 is None else self.bf16
 
 
 class AuxHeads(nn.Module):
@@ -148,7 +160,9 @@ class BatchBuilder:
     """Turns examples into padded tensors: ids = bos sys 'user :' <image>*N question
     'assistant :' answer eos [then, for a dialog, 'user :' question 'assistant :' answer eos per
     later turn, as the chat template writes a conversation]; labels are -100 except on answers
-    and their eos."""
+    and their eos. Also the attention-supervision queries: for every turn whose question names
+    objects (`language.named_objects`), the turn's last prompt token and the patches of those
+    objects."""
 
     def __init__(self, processor, config_name: str, task_weights: dict[str, float] | None = None):
         self.spec = get_spec(config_name)
@@ -163,26 +177,38 @@ class BatchBuilder:
         self.tail_ids = self.tok(rest.replace("Q", "", 1), add_special_tokens=False)["input_ids"]  # 'assistant :'
         self.user_ids = self.tok(system.split("\n")[-1], add_special_tokens=False)["input_ids"]  # 'user :'
 
-    def encode(self, question: str, answer: str, more: tuple[tuple[str, str], ...] = ()) -> tuple[list[int], list[int]]:
+    def encode(self, question: str, answer: str, more: tuple[tuple[str, str], ...] = ()) -> tuple[list[int], list[int], list[int]]:
+        """-> (ids, labels, the index of each turn's last prompt token)."""
         ids = self.head_ids + [self.image_id] * self.spec.num_image_tokens
         labels = [-100] * len(ids)
+        ends = []
         for k, (question_, answer_) in enumerate(((question, answer), *more)):
             q = (self.user_ids if k else []) + self.tok(question_, add_special_tokens=False)["input_ids"] + self.tail_ids
             a = self.tok(answer_, add_special_tokens=False)["input_ids"] + [self.eos_id]
-            ids += q + a
+            ids += q
+            ends.append(len(ids) - 1)
+            ids += a
             labels += [-100] * len(q) + a
-        return ids, labels
+        return ids, labels, ends
 
     def build(self, scene_seeds: list[int]) -> dict[str, torch.Tensor]:
         ids, labels, images, targets = [], [], [], []
-        for s in scene_seeds:
+        sup_rows, sup_pos, sup_mask = [], [], []
+        for b, s in enumerate(scene_seeds):
             ex = sample_example(s, self.task_weights)
             image, label_map = render(ex.scene, self.spec.image_size, with_labels=True)
-            i, l = self.encode(ex.question, ex.answer, ex.more)
+            i, l, ends = self.encode(ex.question, ex.answer, ex.more)
             ids.append(i)
             labels.append(l)
             images.append(image)
             targets.append(torch.from_numpy(patch_labels(ex.scene, label_map, self.spec.patch_size)))
+            for (question, _), end in zip(((ex.question, ex.answer), *ex.more), ends):
+                cells = [o.cell + 1 for o in named_objects(ex.scene, question)]
+                on = torch.isin(targets[-1][:, 3], torch.tensor(cells, dtype=torch.long))  # (P,) patches of the named objects
+                if bool(on.any()):
+                    sup_rows.append(b)
+                    sup_pos.append(end)
+                    sup_mask.append(on)
         width = max(len(i) for i in ids)
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # right padding
         label_t = torch.full((len(ids), width), -100, dtype=torch.long)
@@ -197,6 +223,9 @@ class BatchBuilder:
             "labels": label_t,  # (B, T)
             "pixel_values": pixel_values(images, self.spec.image_size),  # (B, 3, S, S)
             "patch_targets": torch.stack(targets),  # (B, P, 4)
+            "sup_rows": torch.tensor(sup_rows, dtype=torch.long),  # (N,) example of each supervised query
+            "sup_pos": torch.tensor(sup_pos, dtype=torch.long),  # (N,) its position (a turn's last prompt token)
+            "sup_mask": torch.stack(sup_mask) if sup_mask else torch.zeros(0, len(targets[0]), dtype=torch.bool),  # (N, P)
         }
 
 
@@ -207,6 +236,12 @@ def forward_logits(model: LlavaForConditionalGeneration, input_ids, attention_ma
     drop: None, or (start (B,) long, hidden (B, T) bool): image-token dropout, in which the
     columns `hidden` of row b are invisible as keys in decoder layers >= start[b] (an image token
     still attends itself, as in the engine's mask mode)."""
+    return _forward(model, input_ids, attention_mask, pixel_values, drop)[:3]
+
+
+def _forward(model, input_ids, attention_mask, pixel_values, drop=None):
+    """forward_logits, plus the input hidden state of every decoder layer (L tensors (B, T, D);
+    autograd keeps them anyway)."""
     tower = model.model.vision_tower(pixel_values)
     feats = tower.last_hidden_state[:, 1:]  # (B, 1+P, Dv) -> (B, P, Dv): drop CLS ('default')
     image_embeds = model.model.multi_modal_projector(feats)  # (B, P, D)
@@ -215,15 +250,17 @@ def forward_logits(model: LlavaForConditionalGeneration, input_ids, attention_ma
     embeds = embeds.masked_scatter(is_image, image_embeds.to(embeds.dtype))
     lm = model.model.language_model
     if drop is None:
-        hidden = lm(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        out = lm(inputs_embeds=embeds, attention_mask=attention_mask, output_hidden_states=True)
+        hidden, layer_inputs = out.last_hidden_state, out.hidden_states[: len(lm.layers)]
     else:
-        hidden = _decoder_with_dropout(lm, embeds, attention_mask, *drop)
-    return model.lm_head(hidden), feats, image_embeds  # (B, T, V), (B, P, Dv), (B, P, D)
+        hidden, layer_inputs = _decoder_with_dropout(lm, embeds, attention_mask, *drop)
+    return model.lm_head(hidden), feats, image_embeds, layer_inputs  # (B, T, V), (B, P, Dv), (B, P, D), L x (B, T, D)
 
 
 def _decoder_with_dropout(lm, embeds, attention_mask, start, hidden_cols):
     """The Llama decoder layer by layer, with per-layer boolean masks (right padding, so positions
-    are 0..T-1). embeds: (B, T, D); attention_mask: (B, T); start: (B,); hidden_cols: (B, T) bool."""
+    are 0..T-1). embeds: (B, T, D); attention_mask: (B, T); start: (B,); hidden_cols: (B, T) bool.
+    Returns the final normed state and the input state of every layer."""
     b, t = attention_mask.shape
     device = embeds.device
     position_ids = torch.arange(t, device=device)[None].expand(b, t)  # (B, T)
@@ -232,11 +269,51 @@ def _decoder_with_dropout(lm, embeds, attention_mask, start, hidden_cols):
     base = causal[None] & attention_mask.bool()[:, None, :]  # (B, T_q, T_k)
     eye = torch.eye(t, dtype=torch.bool, device=device)[None]  # (1, T, T): no empty row, self stays visible
     hidden = embeds
+    inputs = []
     for i, layer in enumerate(lm.layers):
+        inputs.append(hidden)
         gone = hidden_cols & (start <= i)[:, None]  # (B, T) keys invisible in this layer
         allowed = (base & ~gone[:, None, :]) | eye  # (B, T_q, T_k)
         hidden = layer(hidden, attention_mask=allowed[:, None], position_embeddings=pos_emb, position_ids=position_ids)
-    return lm.norm(hidden)
+    return lm.norm(hidden), inputs
+
+
+def supervised_attention(lm, layer_inputs, batch: dict, layer: int, image_token_id: int) -> torch.Tensor:
+    """Attention probabilities of head 0 of decoder layer `layer` from every supervised query
+    (batch["sup_rows"], batch["sup_pos"]) to the image tokens: (N, P) float32, rows of the full
+    causal softmax (over all keys, no dropout mask), recomputed from the layer's q/k projections
+    and RoPE (right padding: positions 0..T-1). Head 0 reads key/value head 0 (also under GQA)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    rows, pos = batch["sup_rows"], batch["sup_pos"]  # (N,), (N,)
+    input_ids = batch["input_ids"][rows]  # (N, T)
+    n, t = input_ids.shape
+    block = lm.layers[layer]
+    attn = block.self_attn
+    d = attn.head_dim
+    x = block.input_layernorm(layer_inputs[layer][rows])  # (N, T, D)
+    at = torch.arange(n)
+    head = lambda proj, h: F.linear(h, proj.weight[:d], None if proj.bias is None else proj.bias[:d])  # noqa: E731
+    q = head(attn.q_proj, x[at, pos])  # (N, d)
+    k = head(attn.k_proj, x)  # (N, T, d)
+    cos, sin = lm.rotary_emb(x, torch.arange(t)[None].expand(n, t))  # (N, T, d) each
+    q = q * cos[at, pos] + rotate_half(q) * sin[at, pos]
+    k = k * cos + rotate_half(k) * sin
+    scores = (k @ q[:, :, None])[..., 0].float() * attn.scaling  # (N, T)
+    visible = (torch.arange(t)[None] <= pos[:, None]) & batch["attention_mask"][rows].bool()  # (N, T)
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)  # (N, T)
+    return probs[input_ids == image_token_id].view(n, -1)  # (N, P): image columns in patch order
+
+
+def attention_supervision_loss(lm, layer_inputs, batch: dict, layers, image_token_id: int) -> tuple[torch.Tensor, float]:
+    """-log of the attention mass head 0 of each layer in `layers` gives, from a question's last
+    prompt token, to the patches of the objects the question names (batch["sup_mask"]); mean over
+    queries and layers. Returns (loss, mean mass). Training-only: it teaches the decoder to *look
+    up* an object by its description, which answer-only training did not find (the lookup probe,
+    benchmarks/testbed_lookup_probe.py)."""
+    masses = [(supervised_attention(lm, layer_inputs, batch, i, image_token_id) * batch["sup_mask"]).sum(-1) for i in layers]
+    mass = torch.stack(masses)  # (layers, N)
+    return -(mass + 1e-6).log().mean(), mass.mean().item()
 
 
 def sample_dropout(input_ids, image_token_id: int, n_layers: int, args: "TrainArgs", step: int, background=None):
@@ -272,12 +349,15 @@ def sample_dropout(input_ids, image_token_id: int, n_layers: int, args: "TrainAr
 
 
 def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weight: float = 0.0, drop=None,
-                 loc_aux_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                 loc_aux_weight: float = 0.0, attn_sup_weight: float = 0.0,
+                 attn_sup_layers: tuple[int, ...] = (2, 3)) -> tuple[torch.Tensor, dict[str, float]]:
     """Response-token cross-entropy averaged per example, then over the batch (so a one-word
     answer weighs as much as a 40-word caption; a plain token mean would give short answers
     about 10% of the gradient), plus the weighted auxiliary patch losses (tower, projector and
-    patch location)."""
-    logits, feats, image_embeds = forward_logits(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], drop)
+    patch location) and the attention supervision."""
+    logits, feats, image_embeds, layer_inputs = _forward(
+        model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], drop
+    )
     # Next-token prediction: position t predicts labels[t + 1].
     targets = batch["labels"][:, 1:]  # (B, T-1)
     token_ce = F.cross_entropy(
@@ -299,6 +379,12 @@ def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weigh
         loc_loss = aux.loc_loss(image_embeds)
         loss = loss + loc_aux_weight * loc_loss
         parts["loc_aux"] = loc_loss.item()
+    if attn_sup_weight > 0 and len(batch["sup_rows"]):
+        sup_loss, mass = attention_supervision_loss(
+            model.model.language_model, layer_inputs, batch, attn_sup_layers, model.config.image_token_id
+        )
+        loss = loss + attn_sup_weight * sup_loss
+        parts["attn_sup"], parts["attn_mass"] = sup_loss.item(), mass
     parts["loss"] = loss.item()
     return loss, parts
 
@@ -390,14 +476,20 @@ def load_state(out: Path, model, aux, opt: torch.optim.AdamW) -> dict | None:
 
 
 def init_from(run: Path, model, aux) -> dict[str, int]:
-    """Copy the weights of an earlier run's training state into a fresh model (a warm start:
-    new optimizer, new LR schedule). Tensors the earlier run lacks, or with another shape,
-    keep their initialisation. Returns counts of loaded and kept-fresh tensors."""
+    """Copy the weights of an earlier run's training state (or, without one, of an exported
+    checkpoint such as the shipped model: its fp16 weights, no auxiliary heads) into a fresh model
+    (a warm start: new optimizer, new LR schedule). Tensors the earlier run lacks, or with another
+    shape, keep their initialisation. Returns counts of loaded and kept-fresh tensors."""
     path = run / STATE_DIR / "model.safetensors"
     try:
-        weights = load_file(str(path))
+        if path.is_file():
+            weights = load_file(str(path))
+        else:  # an exported checkpoint: transformers maps its (possibly legacy) key names
+            path = run
+            exported = LlavaForConditionalGeneration.from_pretrained(run, dtype=torch.float32)
+            weights = {f"model.{n}": p.detach() for n, p in exported.named_parameters()}
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path} is not a usable training state: {err}") from err
+        raise CheckpointError(f"{path} is not a usable training state or checkpoint: {err}") from err
     params = _named_params(model, aux)
     if not any(n.startswith("model.") and n in weights for n in params):
         raise CheckpointError(f"{path} holds no weights of this model")
@@ -491,6 +583,7 @@ def train(args: TrainArgs) -> dict:
     def state_dict() -> dict:
         return {"step": step, "elapsed_s": elapsed, "args": {k: v for k, v in asdict(args).items() if k != "stop_after_steps"}}
 
+    bf16 = args.use_bf16()
     model.train()
     aux.train()
     bar = tqdm(total=args.steps, initial=step, disable=not args.progress, unit="step", desc=f"train {args.config}")
@@ -506,10 +599,11 @@ def train(args: TrainArgs) -> dict:
         factor = lr_factor(step, progress(), args)
         for g in opt.param_groups:
             g["lr"] = args.lr * g["lr_mult"] * factor
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             drop = sample_dropout(batch["input_ids"], model.config.image_token_id, model.config.text_config.num_hidden_layers,
                                   args, step, background=batch["patch_targets"][..., 0] == 0)
-            loss, parts = compute_loss(model, aux, batch, args.aux_weight, args.proj_aux_weight, drop, args.loc_aux_weight)
+            loss, parts = compute_loss(model, aux, batch, args.aux_weight, args.proj_aux_weight, drop, args.loc_aux_weight,
+                                       args.attn_sup_weight, args.attn_sup_layers)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
@@ -541,6 +635,9 @@ def train(args: TrainArgs) -> dict:
         "drop_max_rate": args.drop_max_rate,
         "drop_background_first": args.drop_background_first,
         "task_weights": args.task_weights,
+        "attn_sup_weight": args.attn_sup_weight,
+        "attn_sup_layers": list(args.attn_sup_layers),
+        "bf16": bf16,
         "final_loss_ema": ema,
         "parameters": sum(p.numel() for p in model.parameters()),
         "torch_threads": torch.get_num_threads(),
