@@ -341,3 +341,37 @@ def test_attention_supervision_raises_the_mass_on_named_objects(tmp_path):
 def test_bf16_default_follows_the_cpu():
     assert TrainArgs().use_bf16() == torch.ops.mkldnn._is_mkldnn_bf16_supported()
     assert TrainArgs(bf16=False).use_bf16() is False and TrainArgs(bf16=True).use_bf16() is True
+
+
+def test_question_targets_name_the_question_attributes():
+    from dyrate.testbed.scenes import COLOUR_NAMES, POSITIONS, SHAPES, SIZES
+    from dyrate.testbed.train import question_targets
+
+    def t(shape=None, colour=None, size=None, pos=None):
+        return [0 if v is None else names.index(v) + 1 for v, names in ((shape, SHAPES), (colour, COLOUR_NAMES), (size, SIZES), (pos, POSITIONS))]
+
+    assert question_targets("where is the large red circle?") == t("circle", "red", "large")
+    assert question_targets("how many crosses are there?") == t("cross")
+    assert question_targets("what colour is the object at the top-left?") == t(pos="top-left")
+    assert question_targets("is there a blue star in the image?") == t("star", "blue")
+    assert question_targets("how many objects are there?") == t()
+
+
+def test_query_aux_reads_the_question_off_its_last_prompt_token(tmp_path):
+    _, _, proc = build_model("tiny", 0)
+    weights = {"caption": 0.3, "qa": 0.3, "pope": 0.2, "dialog": 0.2}
+    seeds = [train_scene_seed(0, 0, 16, i) for i in range(16)]
+    batch = BatchBuilder(proc, "tiny", weights).build(seeds)
+    from dyrate.testbed import language as L
+    from dyrate.testbed.data import sample_example
+    from dyrate.testbed.train import question_targets
+
+    turns = [(b, q) for b, s in enumerate(seeds) for q, _ in ((sample_example(s, weights).question, None), *sample_example(s, weights).more)
+             if L.question_type(q) is not None]
+    assert batch["q_rows"].tolist() == [b for b, _ in turns]
+    assert batch["q_targets"].tolist() == [question_targets(q) for _, q in turns]
+    assert (batch["labels"][batch["q_rows"], batch["q_pos"] + 1] != -100).all()  # the answer follows
+    kw = dict(task_weights="caption=0,qa=0.5,pope=0.2,dialog=0.3", query_aux_weight=1.0, attn_sup_layers=(1,), lr=1e-2, batch_size=8)
+    train(tiny_args(tmp_path, steps=20, **kw))
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["query_aux"] < 0.8 * log[0]["query_aux"]

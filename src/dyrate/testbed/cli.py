@@ -93,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--attn-sup-layers", default="2,3", help="decoder layers (0-based) the attention supervision applies to [2,3]")
     p.add_argument(
+        "--query-aux-weight", type=float, default=0.0,
+        help="weight of a per-question loss: linear heads read the attributes a question names (shape, colour, "
+        "size, position) off its last prompt token as it enters the first --attn-sup-layers layer, so the lookup's "
+        "query knows what to look for; 0 = off [0]",
+    )
+    p.add_argument(
         "--init", type=Path, default=None,
         help="warm start from the weights of an earlier run's --out, or of an exported checkpoint directory such as "
         "the shipped model (new optimizer and LR schedule)",
@@ -188,6 +194,7 @@ def _run_train(args) -> int:
         task_weights=args.task_weights,
         attn_sup_weight=args.attn_sup_weight,
         attn_sup_layers=_int_list(args.attn_sup_layers, "--attn-sup-layers"),
+        query_aux_weight=args.query_aux_weight,
         bf16=args.bf16,
         save_every_s=args.save_every,
         progress=not args.quiet,

@@ -36,7 +36,7 @@ from transformers import LlavaForConditionalGeneration
 from ..errors import CheckpointError, InputError
 from .configs import build_config, get_spec
 from .data import parse_task_weights, sample_example, train_scene_seed
-from .language import named_objects
+from .language import PLURALS, named_objects, question_type, words_of
 from .processing import EOS, IMAGE, build_processor, pixel_values
 from .scenes import COLOUR_NAMES, POSITIONS, SHAPES, SIZES, patch_labels, render
 
@@ -66,6 +66,7 @@ class TrainArgs:
     task_weights: str | None = None  # e.g. "caption=0.2,qa=0.5,pope=0.3" (default: data.TASK_WEIGHTS)
     attn_sup_weight: float = 0.0  # attention supervision (see attention_supervision_loss), 0 = off
     attn_sup_layers: tuple[int, ...] = (2, 3)  # ... the decoder layers whose head 0 it supervises
+    query_aux_weight: float = 0.0  # per-question loss: the question's attributes, read off its last prompt token
     bf16: bool | None = None  # bf16 autocast; None: only where the CPU has native bf16 (else it is ~20x slower)
     save_every_s: float = 300.0
     log_every: int = 10
@@ -94,10 +95,10 @@ class TrainArgs:
             )
         if self.task_weights is not None:
             parse_task_weights(self.task_weights)
-        if self.attn_sup_weight < 0:
-            raise InputError(f"--attn-sup-weight must be >= 0, got {self.attn_sup_weight}")
+        if self.attn_sup_weight < 0 or self.query_aux_weight < 0:
+            raise InputError(f"--attn-sup-weight and --query-aux-weight must be >= 0, got {self.attn_sup_weight}, {self.query_aux_weight}")
         n_layers = get_spec(self.config).text_layers
-        if self.attn_sup_weight > 0 and (not self.attn_sup_layers or any(not 0 <= i < n_layers for i in self.attn_sup_layers)):
+        if max(self.attn_sup_weight, self.query_aux_weight) > 0 and (not self.attn_sup_layers or any(not 0 <= i < n_layers for i in self.attn_sup_layers)):
             raise InputError(f"--attn-sup-layers {list(self.attn_sup_layers)}: give decoder layers in 0..{n_layers - 1}")
         if self.init is not None and not any((Path(self.init) / f).is_file() for f in (f"{STATE_DIR}/model.safetensors", "config.json")):
             raise InputError(f"--init {self.init}: neither a training state ({STATE_DIR}/model.safetensors) nor a checkpoint "
@@ -132,20 +133,38 @@ class AuxHeads(nn.Module):
 class Aux(nn.Module):
     """The auxiliary losses: on the tower output (shape, colour, size) and on the projector
     output, i.e. the image embeddings the decoder reads (shape, colour, size and grid cell of the
-    covering object), and optionally (`with_loc`) the location of every patch on the projector
-    output (which of the 3x3 grid cells the patch lies in, background included)."""
+    covering object), optionally (`with_loc`) the location of every patch on the projector
+    output (which of the 3x3 grid cells the patch lies in, background included), and optionally
+    (`with_query`) the attributes a question names (shape, colour, size, position words), read
+    off the decoder state of the question's last prompt token."""
 
-    def __init__(self, tower_hidden: int, text_hidden: int, with_loc: bool = False):
+    def __init__(self, tower_hidden: int, text_hidden: int, with_loc: bool = False, with_query: bool = False):
         super().__init__()
         self.tower = AuxHeads(tower_hidden)
         self.proj = AuxHeads(text_hidden, with_cell=True)
         self.loc = nn.Linear(text_hidden, len(POSITIONS)) if with_loc else None
+        self.query = AuxHeads(text_hidden, with_cell=True) if with_query else None
 
     def loc_loss(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """image_embeds: (B, P, D) projector output -> cross-entropy of each patch's grid cell."""
         b, p, _ = image_embeds.shape
         logits = self.loc(image_embeds).float()  # (B, P, 9)
         return F.cross_entropy(logits.flatten(0, 1), patch_cells(p).to(logits.device).repeat(b))
+
+
+def question_targets(question: str) -> list[int]:
+    """The attributes a question names, as the aux heads' targets: (shape, colour, size, position),
+    each 0 if the question names none, else 1 + index (plural shapes count as the shape)."""
+    words = words_of(question)
+
+    def first(names, alias=None) -> int:
+        for w in words:
+            w = (alias or {}).get(w, w)
+            if w in names:
+                return names.index(w) + 1
+        return 0
+
+    return [first(SHAPES, {p: s for s, p in PLURALS.items()}), first(COLOUR_NAMES), first(SIZES), first(POSITIONS)]
 
 
 def patch_cells(num_patches: int) -> torch.Tensor:
@@ -162,7 +181,8 @@ class BatchBuilder:
     later turn, as the chat template writes a conversation]; labels are -100 except on answers
     and their eos. Also the attention-supervision queries: for every turn whose question names
     objects (`language.named_objects`), the turn's last prompt token and the patches of those
-    objects."""
+    objects; and for every question turn (not captions) its last prompt token and the attributes
+    the question names (`question_targets`)."""
 
     def __init__(self, processor, config_name: str, task_weights: dict[str, float] | None = None):
         self.spec = get_spec(config_name)
@@ -194,6 +214,7 @@ class BatchBuilder:
     def build(self, scene_seeds: list[int]) -> dict[str, torch.Tensor]:
         ids, labels, images, targets = [], [], [], []
         sup_rows, sup_pos, sup_mask = [], [], []
+        q_rows, q_pos, q_targets = [], [], []
         for b, s in enumerate(scene_seeds):
             ex = sample_example(s, self.task_weights)
             image, label_map = render(ex.scene, self.spec.image_size, with_labels=True)
@@ -203,6 +224,10 @@ class BatchBuilder:
             images.append(image)
             targets.append(torch.from_numpy(patch_labels(ex.scene, label_map, self.spec.patch_size)))
             for (question, _), end in zip(((ex.question, ex.answer), *ex.more), ends):
+                if question_type(question) is not None:
+                    q_rows.append(b)
+                    q_pos.append(end)
+                    q_targets.append(question_targets(question))
                 cells = [o.cell + 1 for o in named_objects(ex.scene, question)]
                 on = torch.isin(targets[-1][:, 3], torch.tensor(cells, dtype=torch.long))  # (P,) patches of the named objects
                 if bool(on.any()):
@@ -226,6 +251,9 @@ class BatchBuilder:
             "sup_rows": torch.tensor(sup_rows, dtype=torch.long),  # (N,) example of each supervised query
             "sup_pos": torch.tensor(sup_pos, dtype=torch.long),  # (N,) its position (a turn's last prompt token)
             "sup_mask": torch.stack(sup_mask) if sup_mask else torch.zeros(0, len(targets[0]), dtype=torch.bool),  # (N, P)
+            "q_rows": torch.tensor(q_rows, dtype=torch.long),  # (M,) example of each question turn
+            "q_pos": torch.tensor(q_pos, dtype=torch.long),  # (M,) its last prompt token
+            "q_targets": torch.tensor(q_targets, dtype=torch.long).view(-1, 4),  # (M, 4) see question_targets
         }
 
 
@@ -350,11 +378,11 @@ def sample_dropout(input_ids, image_token_id: int, n_layers: int, args: "TrainAr
 
 def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weight: float = 0.0, drop=None,
                  loc_aux_weight: float = 0.0, attn_sup_weight: float = 0.0,
-                 attn_sup_layers: tuple[int, ...] = (2, 3)) -> tuple[torch.Tensor, dict[str, float]]:
+                 attn_sup_layers: tuple[int, ...] = (2, 3), query_aux_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Response-token cross-entropy averaged per example, then over the batch (so a one-word
     answer weighs as much as a 40-word caption; a plain token mean would give short answers
     about 10% of the gradient), plus the weighted auxiliary patch losses (tower, projector and
-    patch location) and the attention supervision."""
+    patch location), the attention supervision and the question-attribute loss."""
     logits, feats, image_embeds, layer_inputs = _forward(
         model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], drop
     )
@@ -385,6 +413,13 @@ def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weigh
         )
         loss = loss + attn_sup_weight * sup_loss
         parts["attn_sup"], parts["attn_mass"] = sup_loss.item(), mass
+    if query_aux_weight > 0 and len(batch["q_rows"]):
+        # The state entering the first supervised layer, where the lookup's query is formed.
+        state = layer_inputs[min(attn_sup_layers)][batch["q_rows"], batch["q_pos"]]  # (M, D)
+        state = F.rms_norm(state, state.shape[-1:])  # as the layer reads it (its norm's weights aside)
+        query_loss = aux.query.loss(state[None], batch["q_targets"][None])
+        loss = loss + query_aux_weight * query_loss
+        parts["query_aux"] = query_loss.item()
     parts["loss"] = loss.item()
     return loss, parts
 
@@ -530,7 +565,7 @@ def export(model: LlavaForConditionalGeneration, processor, out: Path, summary: 
 # ---------------------------------------------------------------- the loop
 
 
-def build_model(config_name: str, seed: int, with_loc: bool = False):
+def build_model(config_name: str, seed: int, with_loc: bool = False, with_query: bool = False):
     """(model, aux heads, processor) of a named config, initialised from `seed`."""
     spec = get_spec(config_name)
     processor = build_processor(spec.image_size, spec.patch_size)
@@ -545,7 +580,7 @@ def build_model(config_name: str, seed: int, with_loc: bool = False):
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
-    aux = Aux(config.vision_config.hidden_size, config.text_config.hidden_size, with_loc)
+    aux = Aux(config.vision_config.hidden_size, config.text_config.hidden_size, with_loc, with_query)
     return model, aux, processor
 
 
@@ -556,7 +591,7 @@ def train(args: TrainArgs) -> dict:
     args.validate()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, aux, processor = build_model(args.config, args.seed, with_loc=args.loc_aux_weight > 0)
+    model, aux, processor = build_model(args.config, args.seed, with_loc=args.loc_aux_weight > 0, with_query=args.query_aux_weight > 0)
     opt = make_optimizer(model, aux, args)
     state_json = out / STATE_DIR / "state.json"
     if state_json.exists():
@@ -603,7 +638,7 @@ def train(args: TrainArgs) -> dict:
             drop = sample_dropout(batch["input_ids"], model.config.image_token_id, model.config.text_config.num_hidden_layers,
                                   args, step, background=batch["patch_targets"][..., 0] == 0)
             loss, parts = compute_loss(model, aux, batch, args.aux_weight, args.proj_aux_weight, drop, args.loc_aux_weight,
-                                       args.attn_sup_weight, args.attn_sup_layers)
+                                       args.attn_sup_weight, args.attn_sup_layers, args.query_aux_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
@@ -637,6 +672,7 @@ def train(args: TrainArgs) -> dict:
         "task_weights": args.task_weights,
         "attn_sup_weight": args.attn_sup_weight,
         "attn_sup_layers": list(args.attn_sup_layers),
+        "query_aux_weight": args.query_aux_weight,
         "bf16": bf16,
         "final_loss_ema": ema,
         "parameters": sum(p.numel() for p in model.parameters()),
