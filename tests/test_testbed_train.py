@@ -279,7 +279,7 @@ def test_init_from_exported_checkpoint(tmp_path):
         assert n == n2 and torch.equal(p, p2)
 
 
-def test_supervision_queries_point_at_the_named_objects():
+def test_question_queries_point_at_the_named_objects():
     from dyrate.testbed import language as L
     from dyrate.testbed.data import sample_example
 
@@ -292,38 +292,49 @@ def test_supervision_queries_point_at_the_named_objects():
     for b, s in enumerate(seeds):
         ex = sample_example(s, weights)
         for question, _ in ((ex.question, ex.answer), *ex.more):
+            if L.question_type(question) is None:
+                continue
             cells = {o.cell + 1 for o in L.named_objects(ex.scene, question)}
-            on = torch.tensor([int(c) in cells for c in batch["patch_targets"][b, :, 3]])
-            if on.any():
-                expected.append((b, on))
-    assert len(expected) >= 8 and batch["sup_rows"].tolist() == [b for b, _ in expected]
-    assert torch.equal(batch["sup_mask"], torch.stack([on for _, on in expected]))
-    ends = batch["sup_pos"]
-    assert (batch["labels"][batch["sup_rows"], ends] == -100).all()  # a prompt token ...
-    assert (batch["labels"][batch["sup_rows"], ends + 1] != -100).all()  # ... right before an answer
-    # A caption names no object: no query.
+            expected.append((b, torch.tensor([int(c) in cells for c in batch["patch_targets"][b, :, 3]])))
+    assert batch["q_rows"].tolist() == [b for b, _ in expected]
+    assert torch.equal(batch["q_mask"], torch.stack([on for _, on in expected]))
+    assert batch["q_mask"].any(-1).sum() >= 8 and (~batch["q_mask"].any(-1)).sum() >= 1  # some name nothing present
+    ends = batch["q_pos"]
+    assert (batch["labels"][batch["q_rows"], ends] == -100).all()  # a prompt token ...
+    assert (batch["labels"][batch["q_rows"], ends + 1] != -100).all()  # ... right before an answer
+    # A caption is no question: no query.
     only_captions = BatchBuilder(proc, "tiny", {"caption": 1.0, "qa": 0.0, "pope": 0.0}).build(seeds[:4])
-    assert len(only_captions["sup_rows"]) == 0 and only_captions["sup_mask"].shape == (0, 16)
+    assert len(only_captions["q_rows"]) == 0 and only_captions["q_mask"].shape == (0, 16)
 
 
 def test_supervised_attention_equals_eager_attention():
     """The recomputed head-0 row equals transformers' own eager attention probabilities."""
-    from dyrate.testbed.train import _forward, supervised_attention
+    from dyrate.testbed.train import _forward, attention_supervision_loss, supervised_attention
 
     model, _, proc = build_model("tiny", 0)
     model.eval()
     batch = BatchBuilder(proc, "tiny", {"caption": 0.0, "qa": 0.5, "pope": 0.0, "dialog": 0.5}).build(list(range(40, 46)))
     args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     model.set_attn_implementation("eager")
+    lm, image_id = model.model.language_model, model.config.image_token_id
     with torch.no_grad():
         layer_inputs = _forward(model, *args)[3]
         att = model(input_ids=args[0], attention_mask=args[1], pixel_values=args[2], output_attentions=True).attentions
-        is_image = batch["input_ids"] == model.config.image_token_id
+        rows, pos = batch["q_rows"].tolist(), batch["q_pos"].tolist()
+        refs = []
         for layer in (0, 1):
-            rows, pos = batch["sup_rows"], batch["sup_pos"]
-            ref = torch.stack([att[layer][r, 0, p][is_image[r]] for r, p in zip(rows.tolist(), pos.tolist())])  # (N, P)
-            got = supervised_attention(model.model.language_model, layer_inputs, batch, layer, model.config.image_token_id)
+            ref = torch.stack([att[layer][r, 0, p] for r, p in zip(rows, pos)])  # (N, T)
+            got = supervised_attention(lm, layer_inputs, batch, layer)
             assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-6)
+            refs.append(ref)
+        # The loss's mass: on the named objects' patches, or (sink) on bos when none is present.
+        none = ~batch["q_mask"].any(-1)
+        assert none.any() and (~none).any()
+        for sink in (False, True):
+            on = torch.stack([(ref[batch["input_ids"][rows] == image_id].view(len(rows), -1) * batch["q_mask"]).sum(-1) for ref in refs])
+            want = torch.where(none, torch.stack(refs)[..., 0], on) if sink else on[:, ~none]
+            loss, mass = attention_supervision_loss(lm, layer_inputs, batch, (0, 1), image_id, sink=sink)
+            assert abs(mass - want.mean().item()) < 1e-6 and abs(loss.item() + (want + 1e-6).log().mean().item()) < 1e-5
 
 
 def test_attention_supervision_raises_the_mass_on_named_objects(tmp_path):

@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "last prompt token, at the objects the question names (teaches content-addressed lookup); 0 = off [0]",
     )
     p.add_argument("--attn-sup-layers", default="2,3", help="decoder layers (0-based) the attention supervision applies to [2,3]")
+    p.add_argument("--attn-sup-sink", action="store_true",
+                   help="questions that name no present object (absent POPE category, count zero) should look at the "
+                        "first token instead (default: they are left out of the attention supervision)")
     p.add_argument(
         "--query-aux-weight", type=float, default=0.0,
         help="weight of a per-question loss: linear heads read the attributes a question names (shape, colour, "
@@ -194,6 +197,7 @@ def _run_train(args) -> int:
         task_weights=args.task_weights,
         attn_sup_weight=args.attn_sup_weight,
         attn_sup_layers=_int_list(args.attn_sup_layers, "--attn-sup-layers"),
+        attn_sup_sink=args.attn_sup_sink,
         query_aux_weight=args.query_aux_weight,
         bf16=args.bf16,
         save_every_s=args.save_every,

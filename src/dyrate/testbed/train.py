@@ -66,6 +66,7 @@ class TrainArgs:
     task_weights: str | None = None  # e.g. "caption=0.2,qa=0.5,pope=0.3" (default: data.TASK_WEIGHTS)
     attn_sup_weight: float = 0.0  # attention supervision (see attention_supervision_loss), 0 = off
     attn_sup_layers: tuple[int, ...] = (2, 3)  # ... the decoder layers whose head 0 it supervises
+    attn_sup_sink: bool = False  # ... and questions naming no present object should look at bos
     query_aux_weight: float = 0.0  # per-question loss: the question's attributes, read off its last prompt token
     bf16: bool | None = None  # bf16 autocast; None: only where the CPU has native bf16 (else it is ~20x slower)
     save_every_s: float = 300.0
@@ -179,10 +180,10 @@ class BatchBuilder:
     """Turns examples into padded tensors: ids = bos sys 'user :' <image>*N question
     'assistant :' answer eos [then, for a dialog, 'user :' question 'assistant :' answer eos per
     later turn, as the chat template writes a conversation]; labels are -100 except on answers
-    and their eos. Also the attention-supervision queries: for every turn whose question names
-    objects (`language.named_objects`), the turn's last prompt token and the patches of those
-    objects; and for every question turn (not captions) its last prompt token and the attributes
-    the question names (`question_targets`)."""
+    and their eos. Also the queries of the question losses: for every question turn (not
+    captions) its last prompt token, the attributes the question names (`question_targets`) and
+    the patches of the objects it names (`language.named_objects`; none for an absent POPE
+    category or a count of zero)."""
 
     def __init__(self, processor, config_name: str, task_weights: dict[str, float] | None = None):
         self.spec = get_spec(config_name)
@@ -213,8 +214,7 @@ class BatchBuilder:
 
     def build(self, scene_seeds: list[int]) -> dict[str, torch.Tensor]:
         ids, labels, images, targets = [], [], [], []
-        sup_rows, sup_pos, sup_mask = [], [], []
-        q_rows, q_pos, q_targets = [], [], []
+        q_rows, q_pos, q_targets, q_mask = [], [], [], []
         for b, s in enumerate(scene_seeds):
             ex = sample_example(s, self.task_weights)
             image, label_map = render(ex.scene, self.spec.image_size, with_labels=True)
@@ -224,16 +224,13 @@ class BatchBuilder:
             images.append(image)
             targets.append(torch.from_numpy(patch_labels(ex.scene, label_map, self.spec.patch_size)))
             for (question, _), end in zip(((ex.question, ex.answer), *ex.more), ends):
-                if question_type(question) is not None:
-                    q_rows.append(b)
-                    q_pos.append(end)
-                    q_targets.append(question_targets(question))
+                if question_type(question) is None:  # a caption prompt
+                    continue
                 cells = [o.cell + 1 for o in named_objects(ex.scene, question)]
-                on = torch.isin(targets[-1][:, 3], torch.tensor(cells, dtype=torch.long))  # (P,) patches of the named objects
-                if bool(on.any()):
-                    sup_rows.append(b)
-                    sup_pos.append(end)
-                    sup_mask.append(on)
+                q_rows.append(b)
+                q_pos.append(end)
+                q_targets.append(question_targets(question))
+                q_mask.append(torch.isin(targets[-1][:, 3], torch.tensor(cells, dtype=torch.long)))  # (P,) named objects' patches
         width = max(len(i) for i in ids)
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # right padding
         label_t = torch.full((len(ids), width), -100, dtype=torch.long)
@@ -248,12 +245,10 @@ class BatchBuilder:
             "labels": label_t,  # (B, T)
             "pixel_values": pixel_values(images, self.spec.image_size),  # (B, 3, S, S)
             "patch_targets": torch.stack(targets),  # (B, P, 4)
-            "sup_rows": torch.tensor(sup_rows, dtype=torch.long),  # (N,) example of each supervised query
-            "sup_pos": torch.tensor(sup_pos, dtype=torch.long),  # (N,) its position (a turn's last prompt token)
-            "sup_mask": torch.stack(sup_mask) if sup_mask else torch.zeros(0, len(targets[0]), dtype=torch.bool),  # (N, P)
             "q_rows": torch.tensor(q_rows, dtype=torch.long),  # (M,) example of each question turn
             "q_pos": torch.tensor(q_pos, dtype=torch.long),  # (M,) its last prompt token
             "q_targets": torch.tensor(q_targets, dtype=torch.long).view(-1, 4),  # (M, 4) see question_targets
+            "q_mask": torch.stack(q_mask) if q_mask else torch.zeros(0, len(targets[0]), dtype=torch.bool),  # (M, P)
         }
 
 
@@ -306,16 +301,15 @@ def _decoder_with_dropout(lm, embeds, attention_mask, start, hidden_cols):
     return lm.norm(hidden), inputs
 
 
-def supervised_attention(lm, layer_inputs, batch: dict, layer: int, image_token_id: int) -> torch.Tensor:
-    """Attention probabilities of head 0 of decoder layer `layer` from every supervised query
-    (batch["sup_rows"], batch["sup_pos"]) to the image tokens: (N, P) float32, rows of the full
-    causal softmax (over all keys, no dropout mask), recomputed from the layer's q/k projections
-    and RoPE (right padding: positions 0..T-1). Head 0 reads key/value head 0 (also under GQA)."""
+def supervised_attention(lm, layer_inputs, batch: dict, layer: int) -> torch.Tensor:
+    """Attention probabilities of head 0 of decoder layer `layer` from every question query
+    (batch["q_rows"], batch["q_pos"]) to every key: (N, T) float32, the causal softmax (no
+    dropout mask), recomputed from the layer's q/k projections and RoPE (right padding: positions
+    0..T-1). Head 0 reads key/value head 0 (also under GQA)."""
     from transformers.models.llama.modeling_llama import rotate_half
 
-    rows, pos = batch["sup_rows"], batch["sup_pos"]  # (N,), (N,)
-    input_ids = batch["input_ids"][rows]  # (N, T)
-    n, t = input_ids.shape
+    rows, pos = batch["q_rows"], batch["q_pos"]  # (N,), (N,)
+    n, t = len(rows), batch["input_ids"].shape[1]
     block = lm.layers[layer]
     attn = block.self_attn
     d = attn.head_dim
@@ -329,18 +323,28 @@ def supervised_attention(lm, layer_inputs, batch: dict, layer: int, image_token_
     k = k * cos + rotate_half(k) * sin
     scores = (k @ q[:, :, None])[..., 0].float() * attn.scaling  # (N, T)
     visible = (torch.arange(t)[None] <= pos[:, None]) & batch["attention_mask"][rows].bool()  # (N, T)
-    probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)  # (N, T)
-    return probs[input_ids == image_token_id].view(n, -1)  # (N, P): image columns in patch order
+    return scores.masked_fill(~visible, float("-inf")).softmax(-1)  # (N, T)
 
 
-def attention_supervision_loss(lm, layer_inputs, batch: dict, layers, image_token_id: int) -> tuple[torch.Tensor, float]:
+def attention_supervision_loss(lm, layer_inputs, batch: dict, layers, image_token_id: int,
+                               sink: bool = False) -> tuple[torch.Tensor, float]:
     """-log of the attention mass head 0 of each layer in `layers` gives, from a question's last
-    prompt token, to the patches of the objects the question names (batch["sup_mask"]); mean over
-    queries and layers. Returns (loss, mean mass). Training-only: it teaches the decoder to *look
-    up* an object by its description, which answer-only training did not find (the lookup probe,
-    benchmarks/testbed_lookup_probe.py)."""
-    masses = [(supervised_attention(lm, layer_inputs, batch, i, image_token_id) * batch["sup_mask"]).sum(-1) for i in layers]
+    prompt token, to the patches of the objects the question names (batch["q_mask"]); mean over
+    queries and layers. A question that names no present object (an absent POPE category, a count
+    of zero) is left out, or with `sink` it should look at the first token (bos) instead: "nothing
+    matches" then has an answer of its own. Returns (loss, mean mass). Training-only: it teaches
+    the decoder to *look up* an object by its description, which answer-only training did not
+    find (the lookup probe, benchmarks/testbed_lookup_probe.py)."""
+    is_image = batch["input_ids"][batch["q_rows"]] == image_token_id  # (N, T)
+    none = ~batch["q_mask"].any(-1)  # (N,) questions with no object to look at
+    masses = []
+    for i in layers:
+        probs = supervised_attention(lm, layer_inputs, batch, i)  # (N, T)
+        on_objects = (probs[is_image].view(len(probs), -1) * batch["q_mask"]).sum(-1)  # (N,) image columns in patch order
+        masses.append(torch.where(none, probs[:, 0], on_objects))
     mass = torch.stack(masses)  # (layers, N)
+    if not sink:
+        mass = mass[:, ~none]
     return -(mass + 1e-6).log().mean(), mass.mean().item()
 
 
@@ -378,7 +382,8 @@ def sample_dropout(input_ids, image_token_id: int, n_layers: int, args: "TrainAr
 
 def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weight: float = 0.0, drop=None,
                  loc_aux_weight: float = 0.0, attn_sup_weight: float = 0.0,
-                 attn_sup_layers: tuple[int, ...] = (2, 3), query_aux_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+                 attn_sup_layers: tuple[int, ...] = (2, 3), query_aux_weight: float = 0.0,
+                 attn_sup_sink: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Response-token cross-entropy averaged per example, then over the batch (so a one-word
     answer weighs as much as a 40-word caption; a plain token mean would give short answers
     about 10% of the gradient), plus the weighted auxiliary patch losses (tower, projector and
@@ -407,9 +412,9 @@ def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weigh
         loc_loss = aux.loc_loss(image_embeds)
         loss = loss + loc_aux_weight * loc_loss
         parts["loc_aux"] = loc_loss.item()
-    if attn_sup_weight > 0 and len(batch["sup_rows"]):
+    if attn_sup_weight > 0 and (attn_sup_sink or bool(batch["q_mask"].any())):
         sup_loss, mass = attention_supervision_loss(
-            model.model.language_model, layer_inputs, batch, attn_sup_layers, model.config.image_token_id
+            model.model.language_model, layer_inputs, batch, attn_sup_layers, model.config.image_token_id, attn_sup_sink
         )
         loss = loss + attn_sup_weight * sup_loss
         parts["attn_sup"], parts["attn_mass"] = sup_loss.item(), mass
@@ -638,7 +643,7 @@ def train(args: TrainArgs) -> dict:
             drop = sample_dropout(batch["input_ids"], model.config.image_token_id, model.config.text_config.num_hidden_layers,
                                   args, step, background=batch["patch_targets"][..., 0] == 0)
             loss, parts = compute_loss(model, aux, batch, args.aux_weight, args.proj_aux_weight, drop, args.loc_aux_weight,
-                                       args.attn_sup_weight, args.attn_sup_layers, args.query_aux_weight)
+                                       args.attn_sup_weight, args.attn_sup_layers, args.query_aux_weight, args.attn_sup_sink)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
@@ -672,6 +677,7 @@ def train(args: TrainArgs) -> dict:
         "task_weights": args.task_weights,
         "attn_sup_weight": args.attn_sup_weight,
         "attn_sup_layers": list(args.attn_sup_layers),
+        "attn_sup_sink": args.attn_sup_sink,
         "query_aux_weight": args.query_aux_weight,
         "bf16": bf16,
         "final_loss_ema": ema,
