@@ -13,6 +13,11 @@ held-out seed 1).
    objects, the share of each head's image attention (last prompt token) that goes to the named
    object's patches, among all object patches, beside the object's share of those patches
    (a head that looks up the object by its shape would sit far above that baseline).
+4. Whether the question's last prompt token knows what the question asks for: a least-squares
+   linear probe, per decoder layer input, predicting the colour and the shape a POPE question
+   names ("is there a red star in the image?", random categories; chance 1/6) from that token's
+   state (fitted on half the questions, scored on the other half). A lookup at layer l can only
+   search for what that state holds.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -52,13 +58,43 @@ def location_probe(model, images) -> dict:
     y = patch_cells(p).repeat(len(images))  # (B*P,)
     result = {}
     for k, h in enumerate(layers):
-        x = torch.cat([h.reshape(-1, h.shape[-1]), torch.ones(h.shape[0] * p, 1)], 1)  # (B*P, D+1)
-        half = x.shape[0] // 2
-        w = torch.linalg.lstsq(x[:half], torch.nn.functional.one_hot(y[:half], 9).float()).solution
-        acc = ((x[half:] @ w).argmax(1) == y[half:]).float().mean().item()
         name = "embeddings" if k == 0 else "projector" if k == len(layers) - 1 else f"tower layer {k}"
-        result[name] = round(acc, 3)
+        result[name] = lstsq_accuracy(h.reshape(-1, h.shape[-1]), y, 9)  # (B*P, D) -> cell
     return result
+
+
+def lstsq_accuracy(x: torch.Tensor, y: torch.Tensor, classes: int) -> float:
+    """Held-out accuracy of a least-squares linear probe x (N, D) -> y (N,): first half fits, second half scores."""
+    x = torch.cat([x, torch.ones(len(x), 1)], 1)  # (N, D+1) with a bias column
+    half = len(x) // 2
+    w = torch.linalg.lstsq(x[:half], torch.nn.functional.one_hot(y[:half], classes).float()).solution
+    return round(((x[half:] @ w).argmax(1) == y[half:]).float().mean().item(), 3)
+
+
+def query_probe(model, processor, scenes, images) -> dict:
+    import random
+
+    from dyrate.testbed.scenes import COLOUR_NAMES, SHAPES
+
+    rng = random.Random(0)
+    per_scene = 4  # questions per image, so the probe has more examples than features
+    asked = [(rng.choice(COLOUR_NAMES), rng.choice(SHAPES)) for _ in range(per_scene * len(scenes))]
+    states = []  # per chunk: L x (n, D), the last prompt token's state entering each layer
+    for i in range(0, len(asked), 100):
+        chunk = asked[i : i + 100]
+        inputs = processor(images=[images[(i + j) // per_scene] for j in range(len(chunk))],
+                           text=[build_prompt(L.pope_question(c, s)) for c, s in chunk], return_tensors="pt", padding=True)
+        assert bool(inputs["attention_mask"].all()), "POPE prompts all have the same length: no padding"
+        with torch.no_grad():
+            hidden = model(**inputs, output_hidden_states=True).hidden_states  # L+1 x (n, T, D)
+        states.append([h[:, -1] for h in hidden[: model.config.text_config.num_hidden_layers]])
+    colour = torch.tensor([COLOUR_NAMES.index(c) for c, _ in asked])
+    shape = torch.tensor([SHAPES.index(s) for _, s in asked])
+    out = {}
+    for i, layer_states in enumerate(zip(*states)):
+        x = torch.cat(layer_states)  # (N, D)
+        out[f"layer {i} input"] = {"colour": lstsq_accuracy(x, colour, len(COLOUR_NAMES)), "shape": lstsq_accuracy(x, shape, len(SHAPES))}
+    return out
 
 
 def head_shares(model, processor, scenes) -> dict:
@@ -96,6 +132,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--n", type=int, default=150, help="validation scenes (seed 2) [150]")
+    ap.add_argument("--json", default=None, help="also write the report to this file")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -111,8 +148,12 @@ def main() -> None:
         "lookup_accuracy": lookup_accuracy(model, processor, scenes, images),
         "location_probe": location_probe(model, images[:100]),
         "head_shares": head_shares(model, processor, scenes),
+        "query_probe": query_probe(model, processor, scenes, images),
     }
-    print(json.dumps(report, indent=1))
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
 
 
 if __name__ == "__main__":
