@@ -37,6 +37,7 @@ def test_help(main, argv, capsys):
         ["testbed", "train", "--config", "tiny", "--steps", "1", "--attn-sup-weight", "1", "--attn-sup-layers", "x", "--out", "{tmp}/t"],
         ["testbed", "train", "--config", "tiny", "--steps", "1", "--attn-sup-weight", "1", "--attn-sup-layers", "5", "--out", "{tmp}/t"],
         ["testbed", "train", "--config", "tiny", "--steps", "1", "--query-aux-weight", "-1", "--out", "{tmp}/t"],
+        ["testbed", "train", "--config", "tiny", "--steps", "1", "--attn-sup-count", "--out", "{tmp}/t"],
     ],
 )
 def test_bad_input_exit_code_2(main, argv, tmp_path, capsys):

@@ -327,6 +327,9 @@ def test_supervised_attention_equals_eager_attention():
             got = supervised_attention(lm, layer_inputs, batch, layer)
             assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-6)
             refs.append(ref)
+        def on_objects(ref, j):
+            return (ref[j][batch["input_ids"][rows[j]] == image_id] * batch["q_mask"][j]).sum()
+
         # The loss's mass: on the named objects' patches, or (sink) on bos when none is present.
         none = ~batch["q_mask"].any(-1)
         assert none.any() and (~none).any()
@@ -335,6 +338,26 @@ def test_supervised_attention_equals_eager_attention():
             want = torch.where(none, torch.stack(refs)[..., 0], on) if sink else on[:, ~none]
             loss, mass = attention_supervision_loss(lm, layer_inputs, batch, (0, 1), image_id, sink=sink)
             assert abs(mass - want.mean().item()) < 1e-6 and abs(loss.item() + (want + 1e-6).log().mean().item()) < 1e-5
+        # count: a count question with n counted objects is scored against the uniform split over
+        # bos and each object (its patches pooled); written here per query, independently.
+        counts = batch["q_count"] & ~none
+        assert counts.any()
+        per_layer = []
+        for ref in refs:
+            row_losses = []
+            for j, r in enumerate(rows):
+                if not counts[j]:
+                    row_losses.append(-torch.log(torch.where(none[j], ref[j, 0], on_objects(ref, j)) + 1e-6))
+                    continue
+                img = ref[j][batch["input_ids"][r] == image_id]  # (P,)
+                cells = batch["patch_targets"][r, :, 3]
+                objs = sorted({int(c) for c, m in zip(cells, batch["q_mask"][j]) if m})
+                terms = [torch.log(ref[j, 0] + 1e-6)] + [torch.log(img[(cells == c) & batch["q_mask"][j]].sum() + 1e-6) for c in objs]
+                row_losses.append(-torch.stack(terms).mean())
+            per_layer.append(torch.stack(row_losses))
+        want_loss = torch.stack(per_layer).mean()
+        loss, _ = attention_supervision_loss(lm, layer_inputs, batch, (0, 1), image_id, sink=True, count=True)
+        assert abs(loss.item() - want_loss.item()) < 1e-5
 
 
 def test_attention_supervision_raises_the_mass_on_named_objects(tmp_path):
@@ -347,6 +370,8 @@ def test_attention_supervision_raises_the_mass_on_named_objects(tmp_path):
         tiny_args(tmp_path / "x", attn_sup_weight=1.0, attn_sup_layers=(2,)).validate()  # tiny has layers 0..1
     with pytest.raises(InputError, match="--attn-sup-weight"):
         tiny_args(tmp_path / "x", attn_sup_weight=-1.0).validate()
+    with pytest.raises(InputError, match="--attn-sup-count"):
+        tiny_args(tmp_path / "x", attn_sup_count=True).validate()  # without --attn-sup-weight it does nothing
 
 
 def test_bf16_default_follows_the_cpu():

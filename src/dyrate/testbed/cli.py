@@ -95,6 +95,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-sup-sink", action="store_true",
                    help="questions that name no present object (absent POPE category, count zero) should look at the "
                         "first token instead (default: they are left out of the attention supervision)")
+    p.add_argument("--attn-sup-count", action="store_true",
+                   help="count questions should split that attention evenly over the first token and each counted "
+                        "object, so the share left on the first token (1/(n+1)) says the count n (default: all on the "
+                        "counted objects' patches)")
     p.add_argument(
         "--query-aux-weight", type=float, default=0.0,
         help="weight of a per-question loss: linear heads read the attributes a question names (shape, colour, "
@@ -198,6 +202,7 @@ def _run_train(args) -> int:
         attn_sup_weight=args.attn_sup_weight,
         attn_sup_layers=_int_list(args.attn_sup_layers, "--attn-sup-layers"),
         attn_sup_sink=args.attn_sup_sink,
+        attn_sup_count=args.attn_sup_count,
         query_aux_weight=args.query_aux_weight,
         bf16=args.bf16,
         save_every_s=args.save_every,

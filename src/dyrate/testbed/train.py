@@ -67,6 +67,7 @@ class TrainArgs:
     attn_sup_weight: float = 0.0  # attention supervision (see attention_supervision_loss), 0 = off
     attn_sup_layers: tuple[int, ...] = (2, 3)  # ... the decoder layers whose head 0 it supervises
     attn_sup_sink: bool = False  # ... and questions naming no present object should look at bos
+    attn_sup_count: bool = False  # ... and count questions split it evenly over bos and each counted object
     query_aux_weight: float = 0.0  # per-question loss: the question's attributes, read off its last prompt token
     bf16: bool | None = None  # bf16 autocast; None: only where the CPU has native bf16 (else it is ~20x slower)
     save_every_s: float = 300.0
@@ -101,6 +102,8 @@ class TrainArgs:
         n_layers = get_spec(self.config).text_layers
         if max(self.attn_sup_weight, self.query_aux_weight) > 0 and (not self.attn_sup_layers or any(not 0 <= i < n_layers for i in self.attn_sup_layers)):
             raise InputError(f"--attn-sup-layers {list(self.attn_sup_layers)}: give decoder layers in 0..{n_layers - 1}")
+        if (self.attn_sup_sink or self.attn_sup_count) and self.attn_sup_weight == 0:
+            raise InputError("--attn-sup-sink and --attn-sup-count shape the attention supervision: give --attn-sup-weight > 0 too")
         if self.init is not None and not any((Path(self.init) / f).is_file() for f in (f"{STATE_DIR}/model.safetensors", "config.json")):
             raise InputError(f"--init {self.init}: neither a training state ({STATE_DIR}/model.safetensors) nor a checkpoint "
                              "(config.json) there (give the --out of an earlier run or an exported model)")
@@ -214,7 +217,7 @@ class BatchBuilder:
 
     def build(self, scene_seeds: list[int]) -> dict[str, torch.Tensor]:
         ids, labels, images, targets = [], [], [], []
-        q_rows, q_pos, q_targets, q_mask = [], [], [], []
+        q_rows, q_pos, q_targets, q_mask, q_count = [], [], [], [], []
         for b, s in enumerate(scene_seeds):
             ex = sample_example(s, self.task_weights)
             image, label_map = render(ex.scene, self.spec.image_size, with_labels=True)
@@ -231,6 +234,7 @@ class BatchBuilder:
                 q_pos.append(end)
                 q_targets.append(question_targets(question))
                 q_mask.append(torch.isin(targets[-1][:, 3], torch.tensor(cells, dtype=torch.long)))  # (P,) named objects' patches
+                q_count.append(question_type(question) == "count")
         width = max(len(i) for i in ids)
         input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)  # right padding
         label_t = torch.full((len(ids), width), -100, dtype=torch.long)
@@ -249,6 +253,7 @@ class BatchBuilder:
             "q_pos": torch.tensor(q_pos, dtype=torch.long),  # (M,) its last prompt token
             "q_targets": torch.tensor(q_targets, dtype=torch.long).view(-1, 4),  # (M, 4) see question_targets
             "q_mask": torch.stack(q_mask) if q_mask else torch.zeros(0, len(targets[0]), dtype=torch.bool),  # (M, P)
+            "q_count": torch.tensor(q_count, dtype=torch.bool),  # (M,) count questions
         }
 
 
@@ -327,25 +332,39 @@ def supervised_attention(lm, layer_inputs, batch: dict, layer: int) -> torch.Ten
 
 
 def attention_supervision_loss(lm, layer_inputs, batch: dict, layers, image_token_id: int,
-                               sink: bool = False) -> tuple[torch.Tensor, float]:
+                               sink: bool = False, count: bool = False) -> tuple[torch.Tensor, float]:
     """-log of the attention mass head 0 of each layer in `layers` gives, from a question's last
     prompt token, to the patches of the objects the question names (batch["q_mask"]); mean over
     queries and layers. A question that names no present object (an absent POPE category, a count
     of zero) is left out, or with `sink` it should look at the first token (bos) instead: "nothing
-    matches" then has an answer of its own. Returns (loss, mean mass). Training-only: it teaches
-    the decoder to *look up* an object by its description, which answer-only training did not
-    find (the lookup probe, benchmarks/testbed_lookup_probe.py)."""
-    is_image = batch["input_ids"][batch["q_rows"]] == image_token_id  # (N, T)
+    matches" then has an answer of its own. With `count`, a count question's head should split its
+    attention evenly over bos and each counted object (a cross-entropy against that uniform target
+    over n + 1 groups; the object's patches pool their mass), so the share left on bos, 1/(n+1),
+    says n. Returns (loss, mean mass on the target groups). Training-only: it teaches the decoder
+    to *look up* an object by its description, which answer-only training did not find (the lookup
+    probe, benchmarks/testbed_lookup_probe.py)."""
+    rows = batch["q_rows"]
+    is_image = batch["input_ids"][rows] == image_token_id  # (N, T)
     none = ~batch["q_mask"].any(-1)  # (N,) questions with no object to look at
-    masses = []
+    counted = batch["q_count"] & ~none if count else torch.zeros_like(none)  # (N,)
+    # (N, P, 9) which counted object (grid cell) each patch belongs to; q_mask has the named ones.
+    cells = F.one_hot(batch["patch_targets"][rows][..., 3], 10)[..., 1:] * batch["q_mask"][..., None]
+    groups = cells.any(1).sum(-1) + 1  # (N,) counted objects + bos
+    losses, masses = [], []
     for i in layers:
         probs = supervised_attention(lm, layer_inputs, batch, i)  # (N, T)
-        on_objects = (probs[is_image].view(len(probs), -1) * batch["q_mask"]).sum(-1)  # (N,) image columns in patch order
-        masses.append(torch.where(none, probs[:, 0], on_objects))
-    mass = torch.stack(masses)  # (layers, N)
+        image = probs[is_image].view(len(probs), -1)  # (N, P) image columns in patch order
+        on_objects = (image * batch["q_mask"]).sum(-1)  # (N,)
+        mass = torch.where(none, probs[:, 0], on_objects)
+        per_object = torch.einsum("np,npc->nc", image, cells.to(image.dtype))  # (N, 9)
+        even = -((per_object + 1e-6).log() * cells.any(1)).sum(-1) - (probs[:, 0] + 1e-6).log()  # (N,)
+        losses.append(torch.where(counted, even / groups, -(mass + 1e-6).log()))
+        masses.append(torch.where(counted, mass + probs[:, 0], mass))
+    loss, mass = torch.stack(losses), torch.stack(masses)  # (layers, N)
     if not sink:
-        mass = mass[:, ~none]
-    return -(mass + 1e-6).log().mean(), mass.mean().item()
+        keep = ~none
+        loss, mass = loss[:, keep], mass[:, keep]
+    return loss.mean(), mass.mean().item()
 
 
 def sample_dropout(input_ids, image_token_id: int, n_layers: int, args: "TrainArgs", step: int, background=None):
@@ -383,7 +402,7 @@ def sample_dropout(input_ids, image_token_id: int, n_layers: int, args: "TrainAr
 def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weight: float = 0.0, drop=None,
                  loc_aux_weight: float = 0.0, attn_sup_weight: float = 0.0,
                  attn_sup_layers: tuple[int, ...] = (2, 3), query_aux_weight: float = 0.0,
-                 attn_sup_sink: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+                 attn_sup_sink: bool = False, attn_sup_count: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Response-token cross-entropy averaged per example, then over the batch (so a one-word
     answer weighs as much as a 40-word caption; a plain token mean would give short answers
     about 10% of the gradient), plus the weighted auxiliary patch losses (tower, projector and
@@ -414,7 +433,7 @@ def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weigh
         parts["loc_aux"] = loc_loss.item()
     if attn_sup_weight > 0 and (attn_sup_sink or bool(batch["q_mask"].any())):
         sup_loss, mass = attention_supervision_loss(
-            model.model.language_model, layer_inputs, batch, attn_sup_layers, model.config.image_token_id, attn_sup_sink
+            model.model.language_model, layer_inputs, batch, attn_sup_layers, model.config.image_token_id, attn_sup_sink, attn_sup_count
         )
         loss = loss + attn_sup_weight * sup_loss
         parts["attn_sup"], parts["attn_mass"] = sup_loss.item(), mass
@@ -643,7 +662,8 @@ def train(args: TrainArgs) -> dict:
             drop = sample_dropout(batch["input_ids"], model.config.image_token_id, model.config.text_config.num_hidden_layers,
                                   args, step, background=batch["patch_targets"][..., 0] == 0)
             loss, parts = compute_loss(model, aux, batch, args.aux_weight, args.proj_aux_weight, drop, args.loc_aux_weight,
-                                       args.attn_sup_weight, args.attn_sup_layers, args.query_aux_weight, args.attn_sup_sink)
+                                       args.attn_sup_weight, args.attn_sup_layers, args.query_aux_weight, args.attn_sup_sink,
+                                       args.attn_sup_count)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
@@ -678,6 +698,7 @@ def train(args: TrainArgs) -> dict:
         "attn_sup_weight": args.attn_sup_weight,
         "attn_sup_layers": list(args.attn_sup_layers),
         "attn_sup_sink": args.attn_sup_sink,
+        "attn_sup_count": args.attn_sup_count,
         "query_aux_weight": args.query_aux_weight,
         "bf16": bf16,
         "final_loss_ema": ema,
