@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -34,7 +35,13 @@ from dyrate.testbed import language as L
 from dyrate.testbed.data import eval_scene_seed
 from dyrate.testbed.evaluate import _first_word, generate
 from dyrate.testbed.processing import build_prompt, pixel_values
-from dyrate.testbed.scenes import patch_labels, render, sample_scene
+from dyrate.testbed.scenes import (
+    COLOUR_NAMES,
+    SHAPES,
+    patch_labels,
+    render,
+    sample_scene,
+)
 from dyrate.testbed.train import patch_cells
 
 
@@ -72,10 +79,6 @@ def lstsq_accuracy(x: torch.Tensor, y: torch.Tensor, classes: int) -> float:
 
 
 def query_probe(model, processor, scenes, images) -> dict:
-    import random
-
-    from dyrate.testbed.scenes import COLOUR_NAMES, SHAPES
-
     rng = random.Random(0)
     per_scene = 4  # questions per image, so the probe has more examples than features
     asked = [(rng.choice(COLOUR_NAMES), rng.choice(SHAPES)) for _ in range(per_scene * len(scenes))]

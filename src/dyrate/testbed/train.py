@@ -349,7 +349,7 @@ def attention_supervision_loss(lm, layer_inputs, batch: dict, layers, image_toke
     counted = batch["q_count"] & ~none if count else torch.zeros_like(none)  # (N,)
     # (N, P, 9) which counted object (grid cell) each patch belongs to; q_mask has the named ones.
     cells = F.one_hot(batch["patch_targets"][rows][..., 3], 10)[..., 1:] * batch["q_mask"][..., None]
-    groups = cells.any(1).sum(-1) + 1  # (N,) counted objects + bos
+    present = cells.any(1)  # (N, 9) the counted objects
     losses, masses = [], []
     for i in layers:
         probs = supervised_attention(lm, layer_inputs, batch, i)  # (N, T)
@@ -357,8 +357,8 @@ def attention_supervision_loss(lm, layer_inputs, batch: dict, layers, image_toke
         on_objects = (image * batch["q_mask"]).sum(-1)  # (N,)
         mass = torch.where(none, probs[:, 0], on_objects)
         per_object = torch.einsum("np,npc->nc", image, cells.to(image.dtype))  # (N, 9)
-        even = -((per_object + 1e-6).log() * cells.any(1)).sum(-1) - (probs[:, 0] + 1e-6).log()  # (N,)
-        losses.append(torch.where(counted, even / groups, -(mass + 1e-6).log()))
+        even = -((per_object + 1e-6).log() * present).sum(-1) - (probs[:, 0] + 1e-6).log()  # (N,)
+        losses.append(torch.where(counted, even / (present.sum(-1) + 1), -(mass + 1e-6).log()))  # n objects + bos
         masses.append(torch.where(counted, mass + probs[:, 0], mass))
     loss, mass = torch.stack(losses), torch.stack(masses)  # (layers, N)
     if not sink:
