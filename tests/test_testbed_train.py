@@ -411,3 +411,46 @@ def test_query_aux_reads_the_question_off_its_last_prompt_token(tmp_path):
     train(tiny_args(tmp_path, steps=20, **kw))
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["query_aux"] < 0.8 * log[0]["query_aux"]
+
+
+def test_salience_loss_equals_a_per_turn_reference_over_all_heads():
+    """query_attention over all heads equals eager attention; the salience loss is -log of the
+    head-averaged image attention's share on object patches, for every turn (captions too)."""
+    from dyrate.testbed.train import _forward, query_attention, salience_loss
+
+    model, _, proc = build_model("tiny", 0)
+    model.eval()
+    batch = BatchBuilder(proc, "tiny", {"caption": 0.4, "qa": 0.2, "pope": 0.2, "dialog": 0.2}).build(list(range(60, 68)))
+    assert len(batch["t_rows"]) > len(batch["q_rows"])  # captions count as turns here
+    model.set_attn_implementation("eager")
+    lm, image_id = model.model.language_model, model.config.image_token_id
+    with torch.no_grad():
+        layer_inputs = _forward(model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"])[3]
+        att = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+                    output_attentions=True).attentions
+        rows, pos = batch["t_rows"].tolist(), batch["t_pos"].tolist()
+        for layer in (0, 1):
+            ref = torch.stack([att[layer][r, :, p] for r, p in zip(rows, pos)])  # (K, H, T)
+            got = query_attention(lm, layer_inputs, batch["t_rows"], batch["t_pos"], batch["attention_mask"], layer)
+            assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-6)
+            shares = []
+            for j, r in enumerate(rows):
+                img = ref[j].mean(0)[batch["input_ids"][r] == image_id]  # (P,) head mean
+                obj = batch["patch_targets"][r, :, 0] > 0
+                shares.append(img[obj].sum() / img.sum())
+            shares = torch.stack(shares)
+            loss, share = salience_loss(lm, layer_inputs, batch, layer, image_id)
+            assert abs(share - shares.mean().item()) < 1e-6
+            assert abs(loss.item() + (shares + 1e-6).log().mean().item()) < 1e-5
+
+
+def test_salience_loss_raises_the_object_share(tmp_path):
+    kw = dict(task_weights="caption=0.5,qa=0.5,pope=0,dialog=0", salience_weight=5.0, salience_layer=0, lr=1e-2, batch_size=8)
+    train(tiny_args(tmp_path, steps=30, **kw))
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 30 and "salience_share" in log[0]
+    assert log[-1]["salience_share"] > log[0]["salience_share"] + 0.2
+    with pytest.raises(InputError, match="--salience-layer"):
+        tiny_args(tmp_path / "x", salience_weight=1.0, salience_layer=2).validate()  # tiny has layers 0..1
+    with pytest.raises(InputError, match="--salience-weight"):
+        tiny_args(tmp_path / "x", salience_weight=-1.0).validate()

@@ -106,6 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "query knows what to look for; 0 = off [0]",
     )
     p.add_argument(
+        "--salience-weight", type=float, default=0.0,
+        help="weight of the salience loss: the head-averaged attention of --salience-layer from every turn's last "
+        "prompt token (captions too) should put its image share on object patches, so FastV's ranking at that "
+        "layer keeps the objects first; 0 = off [0]",
+    )
+    p.add_argument("--salience-layer", type=int, default=1,
+                   help="decoder layer (0-based) of the salience loss; FastV at K ranks by layer K-1 [1]")
+    p.add_argument(
         "--init", type=Path, default=None,
         help="warm start from the weights of an earlier run's --out, or of an exported checkpoint directory such as "
         "the shipped model (new optimizer and LR schedule)",
@@ -204,6 +212,8 @@ def _run_train(args) -> int:
         attn_sup_sink=args.attn_sup_sink,
         attn_sup_count=args.attn_sup_count,
         query_aux_weight=args.query_aux_weight,
+        salience_weight=args.salience_weight,
+        salience_layer=args.salience_layer,
         bf16=args.bf16,
         save_every_s=args.save_every,
         progress=not args.quiet,

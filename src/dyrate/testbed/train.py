@@ -69,6 +69,8 @@ class TrainArgs:
     attn_sup_sink: bool = False  # ... and questions naming no present object should look at bos
     attn_sup_count: bool = False  # ... and count questions split it evenly over bos and each counted object
     query_aux_weight: float = 0.0  # per-question loss: the question's attributes, read off its last prompt token
+    salience_weight: float = 0.0  # per-turn loss: every head of --salience-layer looks at the objects (see salience_loss)
+    salience_layer: int = 1  # ... the decoder layer (1 = the layer FastV ranks by at K=2)
     bf16: bool | None = None  # bf16 autocast; None: only where the CPU has native bf16 (else it is ~20x slower)
     save_every_s: float = 300.0
     log_every: int = 10
@@ -102,6 +104,10 @@ class TrainArgs:
         n_layers = get_spec(self.config).text_layers
         if max(self.attn_sup_weight, self.query_aux_weight) > 0 and (not self.attn_sup_layers or any(not 0 <= i < n_layers for i in self.attn_sup_layers)):
             raise InputError(f"--attn-sup-layers {list(self.attn_sup_layers)}: give decoder layers in 0..{n_layers - 1}")
+        if self.salience_weight < 0:
+            raise InputError(f"--salience-weight must be >= 0, got {self.salience_weight}")
+        if self.salience_weight > 0 and not 0 <= self.salience_layer < n_layers:
+            raise InputError(f"--salience-layer {self.salience_layer}: give a decoder layer in 0..{n_layers - 1}")
         if (self.attn_sup_sink or self.attn_sup_count) and self.attn_sup_weight == 0:
             raise InputError("--attn-sup-sink and --attn-sup-count shape the attention supervision: give --attn-sup-weight > 0 too")
         if self.init is not None and not any((Path(self.init) / f).is_file() for f in (f"{STATE_DIR}/model.safetensors", "config.json")):
@@ -186,7 +192,8 @@ class BatchBuilder:
     and their eos. Also the queries of the question losses: for every question turn (not
     captions) its last prompt token, the attributes the question names (`question_targets`) and
     the patches of the objects it names (`language.named_objects`; none for an absent POPE
-    category or a count of zero)."""
+    category or a count of zero); and for the salience loss the last prompt token of every turn,
+    captions included (t_rows, t_pos)."""
 
     def __init__(self, processor, config_name: str, task_weights: dict[str, float] | None = None):
         self.spec = get_spec(config_name)
@@ -218,6 +225,7 @@ class BatchBuilder:
     def build(self, scene_seeds: list[int]) -> dict[str, torch.Tensor]:
         ids, labels, images, targets = [], [], [], []
         q_rows, q_pos, q_targets, q_mask, q_count = [], [], [], [], []
+        t_rows, t_pos = [], []
         for b, s in enumerate(scene_seeds):
             ex = sample_example(s, self.task_weights)
             image, label_map = render(ex.scene, self.spec.image_size, with_labels=True)
@@ -227,6 +235,8 @@ class BatchBuilder:
             images.append(image)
             targets.append(torch.from_numpy(patch_labels(ex.scene, label_map, self.spec.patch_size)))
             for (question, _), end in zip(((ex.question, ex.answer), *ex.more), ends):
+                t_rows.append(b)
+                t_pos.append(end)
                 if question_type(question) is None:  # a caption prompt
                     continue
                 cells = [o.cell + 1 for o in named_objects(ex.scene, question)]
@@ -254,6 +264,8 @@ class BatchBuilder:
             "q_targets": torch.tensor(q_targets, dtype=torch.long).view(-1, 4),  # (M, 4) see question_targets
             "q_mask": torch.stack(q_mask) if q_mask else torch.zeros(0, len(targets[0]), dtype=torch.bool),  # (M, P)
             "q_count": torch.tensor(q_count, dtype=torch.bool),  # (M,) count questions
+            "t_rows": torch.tensor(t_rows, dtype=torch.long),  # (K,) example of every turn, captions included
+            "t_pos": torch.tensor(t_pos, dtype=torch.long),  # (K,) its last prompt token
         }
 
 
@@ -306,29 +318,52 @@ def _decoder_with_dropout(lm, embeds, attention_mask, start, hidden_cols):
     return lm.norm(hidden), inputs
 
 
-def supervised_attention(lm, layer_inputs, batch: dict, layer: int) -> torch.Tensor:
-    """Attention probabilities of head 0 of decoder layer `layer` from every question query
-    (batch["q_rows"], batch["q_pos"]) to every key: (N, T) float32, the causal softmax (no
+def query_attention(lm, layer_inputs, rows, pos, attention_mask, layer: int, heads: int | None = None) -> torch.Tensor:
+    """Attention probabilities of the first `heads` heads (all when None) of decoder layer `layer`
+    from the queries (rows[i], pos[i]) to every key: (N, H, T) float32, the causal softmax (no
     dropout mask), recomputed from the layer's q/k projections and RoPE (right padding: positions
-    0..T-1). Head 0 reads key/value head 0 (also under GQA)."""
+    0..T-1; GQA: query head h reads key/value head h // (H / KV))."""
     from transformers.models.llama.modeling_llama import rotate_half
 
-    rows, pos = batch["q_rows"], batch["q_pos"]  # (N,), (N,)
-    n, t = len(rows), batch["input_ids"].shape[1]
+    n, t = len(rows), attention_mask.shape[1]
     block = lm.layers[layer]
     attn = block.self_attn
     d = attn.head_dim
+    h = heads or attn.config.num_attention_heads
+    group = attn.num_key_value_groups
+    kv = (h + group - 1) // group  # key/value heads the first h query heads read
     x = block.input_layernorm(layer_inputs[layer][rows])  # (N, T, D)
     at = torch.arange(n)
-    head = lambda proj, h: F.linear(h, proj.weight[:d], None if proj.bias is None else proj.bias[:d])  # noqa: E731
-    q = head(attn.q_proj, x[at, pos])  # (N, d)
-    k = head(attn.k_proj, x)  # (N, T, d)
+    proj = lambda p, x_, m: F.linear(x_, p.weight[: m * d], None if p.bias is None else p.bias[: m * d])  # noqa: E731
+    q = proj(attn.q_proj, x[at, pos], h).view(n, h, d)  # (N, H, d)
+    k = proj(attn.k_proj, x, kv).view(n, t, kv, d).transpose(1, 2)  # (N, T, KV*d) -> (N, KV, T, d)
+    k = k.repeat_interleave(group, dim=1)[:, :h]  # (N, H, T, d)
     cos, sin = lm.rotary_emb(x, torch.arange(t)[None].expand(n, t))  # (N, T, d) each
-    q = q * cos[at, pos] + rotate_half(q) * sin[at, pos]
-    k = k * cos + rotate_half(k) * sin
-    scores = (k @ q[:, :, None])[..., 0].float() * attn.scaling  # (N, T)
-    visible = (torch.arange(t)[None] <= pos[:, None]) & batch["attention_mask"][rows].bool()  # (N, T)
-    return scores.masked_fill(~visible, float("-inf")).softmax(-1)  # (N, T)
+    q = q * cos[at, pos][:, None] + rotate_half(q) * sin[at, pos][:, None]
+    k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+    scores = (k @ q[..., None])[..., 0].float() * attn.scaling  # (N, H, T)
+    visible = (torch.arange(t)[None] <= pos[:, None]) & attention_mask[rows].bool()  # (N, T)
+    return scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)  # (N, H, T)
+
+
+def supervised_attention(lm, layer_inputs, batch: dict, layer: int) -> torch.Tensor:
+    """Head 0 of `query_attention` from every question query (batch["q_rows"], batch["q_pos"]): (N, T)."""
+    return query_attention(lm, layer_inputs, batch["q_rows"], batch["q_pos"], batch["attention_mask"], layer, heads=1)[:, 0]
+
+
+def salience_loss(lm, layer_inputs, batch: dict, layer: int, image_token_id: int) -> tuple[torch.Tensor, float]:
+    """-log of the share of the image attention that lands on object patches, from the last prompt
+    token of every turn (captions included; batch["t_rows"], batch["t_pos"]), with the attention
+    averaged over all heads of `layer` as FastV averages it; mean over turns. Only the split
+    *within* the image matters (how much goes to the image at all stays free). Training-only: it
+    makes the ranking FastV reads at layer K-1 put the objects first, as a real VLM's text-to-image
+    attention favours salient content. Returns (loss, mean share)."""
+    rows = batch["t_rows"]
+    probs = query_attention(lm, layer_inputs, rows, batch["t_pos"], batch["attention_mask"], layer).mean(1)  # (K, T)
+    image = probs[batch["input_ids"][rows] == image_token_id].view(len(rows), -1)  # (K, P) patch order
+    on_objects = batch["patch_targets"][rows][..., 0] > 0  # (K, P)
+    share = (image * on_objects).sum(-1) / image.sum(-1).clamp(min=1e-12)  # (K,)
+    return -(share + 1e-6).log().mean(), share.mean().item()
 
 
 def attention_supervision_loss(lm, layer_inputs, batch: dict, layers, image_token_id: int,
@@ -402,11 +437,12 @@ def sample_dropout(input_ids, image_token_id: int, n_layers: int, args: "TrainAr
 def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weight: float = 0.0, drop=None,
                  loc_aux_weight: float = 0.0, attn_sup_weight: float = 0.0,
                  attn_sup_layers: tuple[int, ...] = (2, 3), query_aux_weight: float = 0.0,
-                 attn_sup_sink: bool = False, attn_sup_count: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+                 attn_sup_sink: bool = False, attn_sup_count: bool = False, salience_weight: float = 0.0,
+                 salience_layer: int = 1) -> tuple[torch.Tensor, dict[str, float]]:
     """Response-token cross-entropy averaged per example, then over the batch (so a one-word
     answer weighs as much as a 40-word caption; a plain token mean would give short answers
     about 10% of the gradient), plus the weighted auxiliary patch losses (tower, projector and
-    patch location), the attention supervision and the question-attribute loss."""
+    patch location), the attention supervision, the question-attribute loss and the salience loss."""
     logits, feats, image_embeds, layer_inputs = _forward(
         model, batch["input_ids"], batch["attention_mask"], batch["pixel_values"], drop
     )
@@ -444,6 +480,10 @@ def compute_loss(model, aux: Aux, batch: dict, aux_weight: float, proj_aux_weigh
         query_loss = aux.query.loss(state[None], batch["q_targets"][None])
         loss = loss + query_aux_weight * query_loss
         parts["query_aux"] = query_loss.item()
+    if salience_weight > 0 and len(batch["t_rows"]):
+        sal_loss, share = salience_loss(model.model.language_model, layer_inputs, batch, salience_layer, model.config.image_token_id)
+        loss = loss + salience_weight * sal_loss
+        parts["salience"], parts["salience_share"] = sal_loss.item(), share
     parts["loss"] = loss.item()
     return loss, parts
 
@@ -663,7 +703,7 @@ def train(args: TrainArgs) -> dict:
                                   args, step, background=batch["patch_targets"][..., 0] == 0)
             loss, parts = compute_loss(model, aux, batch, args.aux_weight, args.proj_aux_weight, drop, args.loc_aux_weight,
                                        args.attn_sup_weight, args.attn_sup_layers, args.query_aux_weight, args.attn_sup_sink,
-                                       args.attn_sup_count)
+                                       args.attn_sup_count, args.salience_weight, args.salience_layer)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(aux.parameters()), 1.0)
@@ -700,6 +740,8 @@ def train(args: TrainArgs) -> dict:
         "attn_sup_sink": args.attn_sup_sink,
         "attn_sup_count": args.attn_sup_count,
         "query_aux_weight": args.query_aux_weight,
+        "salience_weight": args.salience_weight,
+        "salience_layer": args.salience_layer,
         "bf16": bf16,
         "final_loss_ema": ema,
         "parameters": sum(p.numel() for p in model.parameters()),
