@@ -252,3 +252,16 @@ def test_long_forced_decode_matches_full_forward(tiny, vanilla, images, prompts,
     with torch.no_grad():
         full = vanilla[0](input_ids=ids, pixel_values=batch["pixel_values"]).logits[0, batch["input_ids"].shape[1] - 1:]
     torch.testing.assert_close(torch.cat(steps[:-1]), full.float(), atol=2e-4, rtol=1e-4)
+
+
+def test_decoder_layers_get_the_cache_under_their_own_name(tiny, images, prompts):
+    """transformers 5.24 renamed the layers' cache argument; the old name warns on every layer call."""
+    import warnings
+
+    model, processor = tiny
+    assert adapter_for(model).cache_kwarg in ("cache", "past_key_values")
+    batch = batch_inputs(processor, images[:1], prompts[:1])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        _, outs, _ = run_engine(model, batch, "fastv:k=2,r=0.5", max_new_tokens=3)
+    assert outs is not None

@@ -220,7 +220,7 @@ class Engine:
             extra = {"probe": request} if request is not None and layer == seg.end - 1 else {}
             hidden = a.layers[layer](
                 hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
-                past_key_values=state.cache, use_cache=True, **extra,
+                use_cache=True, **{a.cache_kwarg: state.cache}, **extra,
             )
         record["queries"].append(1 if q == 1 else seg.valid[:, -q:].sum(1))
         record["keys"].append(seg.n_keys)

@@ -14,7 +14,8 @@ from ..errors import CheckpointError
 class ModelAdapter(Protocol):
     model: torch.nn.Module
     n_layers: int  # decoder layers
-    layers: torch.nn.ModuleList  # called as layer(hidden, attention_mask=, position_embeddings=, position_ids=, past_key_values=, use_cache=)
+    layers: torch.nn.ModuleList  # called as layer(hidden, attention_mask=, position_embeddings=, position_ids=, <cache_kwarg>=, use_cache=)
+    cache_kwarg: str  # the layers' name for the KV cache argument ("cache", or "past_key_values" before transformers 5.24)
     max_positions: int
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:

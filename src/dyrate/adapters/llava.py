@@ -3,6 +3,8 @@ whose language model is a Llama-style decoder)."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from ..attention import install
@@ -17,6 +19,10 @@ class LlavaAdapter:
         text = model.config.get_text_config()
         self.n_layers = text.num_hidden_layers
         self.layers = lm.layers
+        # transformers 5.24 renamed the decoder layer's `past_key_values=` to `cache=` (the old name
+        # warns until its removal in 5.40); 5.23 knows only the old one.
+        params = inspect.signature(lm.layers[0].forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._norm, self._rotary, self._head = lm.norm, lm.rotary_emb, model.lm_head
         self._embed = model.get_input_embeddings()
         self.image_token_id = model.config.image_token_id
