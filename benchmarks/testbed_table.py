@@ -78,9 +78,9 @@ def main() -> None:
     labels = [label for _, _, label, _ in TASKS]
     base = results.get(next(iter(results)))
     lines = [
-        "| policy | " + " | ".join(labels) + " | mean rel. | retained % | " +
+        "| policy | " + " | ".join(labels) + " | mean rel. | retained % | retained % VQA / POPE | " +
         " | ".join(f"FLOPs {c} %" for c in CONVENTIONS) + " | latency ms |",
-        "|---|" + "---:|" * (len(labels) + 2 + len(CONVENTIONS) + 1),
+        "|---|" + "---:|" * (len(labels) + 3 + len(CONVENTIONS) + 1),
     ]
     table = []
     for policy, cols in results.items():
@@ -90,17 +90,21 @@ def main() -> None:
         cost = {c: caption["flops"][c]["ratio"] for c in CONVENTIONS}
         row = {"policy": policy, **dict(zip(labels, vals)), "mean_rel": sum(rel) / len(rel) if rel else None,
                "retained": caption["retained"], **{f"flops_{c}": v for c, v in cost.items()},
-               "latency_ms": 1000 * caption["latency_s"]}
+               "latency_ms": 1000 * caption["latency_s"],
+               # a per-step rate keeps a different share on one-word answers than on captions
+               "retained_vqa": cols["VQA acc"]["retained"],
+               "retained_pope": sum(cols[f"POPE-{s} F1"]["retained"] for s in "rpa") / 3}
         table.append(row)
         lines.append(
             f"| `{policy}` | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
             + f" | {row['mean_rel']:.3f} | {100 * row['retained']:.1f} | "
+            + f"{100 * row['retained_vqa']:.1f} / {100 * row['retained_pope']:.1f} | "
             + " | ".join(f"{100 * cost[c]:.1f}" for c in CONVENTIONS) + f" | {row['latency_ms']:.1f} |"
         )
     md = "\n".join(lines) + "\n"
     note = (f"\nmode {args.mode}, decoding {decoding or 'greedy'}; captions: {args.captions} rows, VQA and each POPE "
             f"split: {args.questions} rows; cost columns from the caption run (retained image tokens, mean over pruned "
-            "layers and steps; FLOPs ratios to the unpruned model, decoder only, FFN 2dm); mean rel. = mean over "
+            "layers and steps; the VQA run's and the mean of the POPE runs' beside it; FLOPs ratios to the unpruned model, decoder only, FFN 2dm); mean rel. = mean over "
             "the quality columns of the ratio to the first policy.\n")
     (out / "table.md").write_text(md + note)
     (out / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
