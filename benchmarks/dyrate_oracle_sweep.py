@@ -6,7 +6,8 @@ KLs is the expensive part (one teacher-forced pass per bin and sequence), so thi
 once and then trains one predictor per (KL threshold D, feature set, arch), each exactly as
 `dyrate train-predictor --objective oracle --oracle-kl D --lambda 0 [--hidden-feature] [--rank R]` would on
 the same samples. Prints the oracle histogram per D and writes OUT/<arch>-<features>-kl<D>.safetensors
-plus OUT/sweep.json (file names: <arch>-<features>-<rank>-kl<D>).
+plus OUT/sweep.json (file names: <arch>-<features>-<rank>-kl<D>; with --decide prefill, one label and
+one rate per prompt: <arch>-<features>-<rank>-once-kl<D>).
 
     python benchmarks/dyrate_oracle_sweep.py --out runs/sweep --samples 384 --kl 0.005,0.02 \\
         --features shares,shares+hidden --arch mlp [--rank prefill] [--model DIR] [--threads 2]
@@ -45,6 +46,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=32, help="predictor hidden size")
     ap.add_argument("--rank", default="step", choices=("step", "prefill"), help="image-token ranking (see train-predictor)")
+    ap.add_argument("--decide", default="step", choices=("step", "prefill"),
+                    help="a rate per step, or one per prompt at prefill (needs --rank prefill; see train-predictor)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -58,7 +61,7 @@ def main() -> None:
         print(msg, file=sys.stderr, flush=True)
 
     base = dict(k=args.k, bins=args.bins, steps=args.steps, batch=args.batch, lr=args.lr, hidden=args.hidden,
-                lam=0.0, objective="oracle", rank=args.rank)
+                lam=0.0, objective="oracle", rank=args.rank, decide=args.decide)
     thresholds = [float(x) for x in args.kl.split(",")]
     t0 = time.time()
     cache = build_cache(model, processor, images, prompts, TrainConfig(**base, oracle_kl=thresholds[0]),
@@ -73,7 +76,8 @@ def main() -> None:
                 cfg = TrainConfig(**base, oracle_kl=d, arch=arch, features=features)
                 label_oracle(model, cache, cfg, log)
                 labels = torch.cat([c.oracle for c in cache])
-                path = out / f"{arch}-{feats.replace('+', '-')}-{args.rank}-kl{d:g}.safetensors"
+                once = "-once" if args.decide == "prefill" else ""
+                path = out / f"{arch}-{feats.replace('+', '-')}-{args.rank}{once}-kl{d:g}.safetensors"
                 for stale in (path, path.with_name(path.stem + ".train-state.safetensors")):
                     stale.unlink(missing_ok=True)  # a fresh run, not a resume
                 summary = train(model, processor, images, prompts, cfg, path, progress=False, cache=cache)

@@ -247,3 +247,34 @@ def test_quantile_bin(tiny, images, prompts, tmp_path):
     for bad in ("q=0", "q=1.5", "q=abc"):
         with pytest.raises(PolicySpecError, match="q="):
             parse_policy(f"dyrate:predictor={path},{bad}")
+
+
+@pytest.mark.parametrize("arch", ["mlp", "gru"])
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+def test_decide_prefill_is_fastv_at_the_prefills_rate(tiny, images, prompts, tmp_path, arch, mode):
+    """decide "prefill": the predictor picks one rate per prompt at prefill and it holds for the whole
+    answer (no decode-step probe), so each row equals FastV at that row's prefill rate, beams too;
+    the same weights deciding at every step do vary the rate."""
+    pred = new_predictor(arch, k=K, history=4, model=tiny[0], features=("shares", "step"), seed=3, rank="prefill",
+                         decide="prefill")
+    with torch.no_grad():  # spread the logits so the argmax moves with the shares and the step
+        for p in pred.parameters():
+            p.mul_(40.0)
+    path = write(pred, tmp_path / "p.safetensors")
+    assert load_predictor(path).config.decide == "prefill"
+    policy = f"{ARCH_POLICY[arch]}:k={K},predictor={path}"
+    assert parse_policy(policy).decode_probe is False
+    for i in range(3):
+        [ours] = run(tiny, images[i:], prompts[i:], policy, mode, n=1)
+        rate = round(ours.trace[0]["rate"][0], 6)
+        for beams in (1, 2):
+            [ref] = run(tiny, images[i:], prompts[i:], f"fastv:k={K},r={rate}", mode, n=1, num_beams=beams)
+            [got] = run(tiny, images[i:], prompts[i:], policy, mode, n=1, num_beams=beams)
+            assert got.token_ids == ref.token_ids
+            assert [e["kept"] for e in got.trace] == [e["kept"] for e in ref.trace]
+    per_step = new_predictor(arch, k=K, history=4, model=tiny[0], features=("shares", "step"), rank="prefill")
+    per_step.load_state_dict(pred.state_dict())
+    step_path = write(per_step, tmp_path / "s.safetensors")
+    rates = {e["rate"][0] for r in run(tiny, images, prompts, f"{ARCH_POLICY[arch]}:k={K},predictor={step_path}", mode)
+             for e in r.trace}
+    assert len(rates) > 1, rates  # the test predictor is not constant: deciding once is what made the rows equal

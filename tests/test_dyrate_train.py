@@ -393,3 +393,94 @@ def test_prefill_rank_soft_mask_is_engine_fastv_mask_mode(tiny, images, prompts,
         torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
     with pytest.raises(Exception, match="rank"):
         TrainConfig(lam=0.1, rank="sideways")
+
+
+def test_prompt_oracle_from_kls_by_hand():
+    """decide=prefill: one label per prompt, the most pruning whose KL stays within the threshold at
+    *every* step (bins 1..i all within, as per step)."""
+    from dyrate.train_predictor import prompt_oracle_from_kls
+
+    kls = torch.tensor([[0.0, 0.01, 0.02, 0.5],
+                        [0.0, 0.00, 0.03, 0.01],   # bin 2 over at this step -> the prompt gets 1
+                        [0.0, 0.0, 0.0, 0.0]])
+    assert prompt_oracle_from_kls(kls, 0.02).tolist() == [1]
+    assert prompt_oracle_from_kls(kls, 1.0).tolist() == [3]
+    assert prompt_oracle_from_kls(kls, -1.0).tolist() == [0]
+
+
+def test_decide_prefill_training(tiny, tiny_dir, images, prompts, tmp_path, capsys):
+    """decide=prefill trains on one label per prompt (the prefill step's) and writes it into the file;
+    settings it cannot use are refused with one line."""
+    from dyrate.train_predictor import build_cache
+
+    model, processor = tiny
+    cfg = TrainConfig(arch="mlp", k=K, lam=0.0, objective="oracle", oracle_kl=1e-3, rank="prefill", decide="prefill",
+                      steps=4, batch=2, features=("shares", "hidden"))
+    cache = build_cache(model, processor, images, prompts, cfg, max_new_tokens=6)
+    for c in cache:
+        assert c.oracle.shape == (1,) and c.n_steps > 1
+        worst = c.bin_kl.max(0).values  # (bins,)
+        i = int(c.oracle)
+        assert (worst[1 : i + 1] <= 1e-3).all() and (i == 9 or worst[i + 1] > 1e-3)
+    loss, info = sequence_loss(model, new_predictor("mlp", k=K, model=model, features=("shares", "hidden")), cache[0],
+                               cfg, 1.0, None)
+    assert torch.isfinite(loss) and info["fit"] > 0
+    out = train(model, processor, images, prompts, cfg, tmp_path / "p.safetensors", progress=False, cache=cache)
+    assert load_predictor(out["out"]).config.decide == "prefill"
+    for bad in (dict(objective="kl", rank="prefill"), dict(objective="oracle", rank="step"), dict(decide="later")):
+        with pytest.raises(Exception, match="decide"):
+            TrainConfig(lam=0.0, **{"decide": "prefill", **bad})
+    rc = main(["train-predictor", "--model", str(tiny_dir), "--testbed", "--arch", "mlp", "--lambda", "0",
+               "--decide", "prefill", "--out", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "decide=prefill" in err[0], err
+
+
+def test_attention_mass_by_hand():
+    from dyrate.predictor import attention_mass
+
+    scores = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0],    # 3 image tokens; 0 on the other slots
+                           [0.1, 0.1, 0.1, 0.1, 0.0]])   # 4, flat
+    got = attention_mass(scores, torch.tensor([3, 4]), 4)  # bins keep ceil((1 - i/4) n)
+    torch.testing.assert_close(got, torch.tensor([[1.0, 1.0, 0.8, 0.5], [1.0, 0.75, 0.5, 0.25]]))
+
+
+def test_mass_feature_matches_engine_at_prefill(tiny, images, prompts, cached, tmp_path):
+    """Feature `mass` (decide=prefill only): the training pass computes from the prefill's probe row
+    what the engine hands the policy at prefill, so their decisions agree; other settings are refused."""
+    from dyrate.errors import PolicySpecError
+    from dyrate.predictor import save_predictor
+    from dyrate.train_predictor import step_mass
+
+    model, processor = tiny
+    features = ("shares", "mass")
+    pred = new_predictor("mlp", k=K, model=model, features=features, seed=5, rank="prefill", decide="prefill")
+    assert pred.config.in_dim == 4 + 10
+    m5 = torch.stack([step_mass(c, 10)[0, 5] for c in cached])  # what bin 5 keeps, per prompt
+    assert float(m5.max() - m5.min()) > 1e-4
+    t = float(m5.min() + m5.max()) / 2
+    with torch.no_grad():  # bin 9 when bin 5 keeps more than t of the attention, else bin 0
+        for layer in (pred.net[0], pred.net[2], pred.net[4]):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        pred.net[0].weight[0, 9], pred.net[0].bias[0] = 1e4, -1e4 * t  # h0 = gelu(a (m5 - t))
+        pred.net[0].weight[1, 9], pred.net[0].bias[1] = -1e4, 1e4 * t  # h1 = gelu(-a (m5 - t))
+        pred.net[2].weight[0, 0] = pred.net[2].weight[1, 1] = 1.0
+        pred.net[4].weight[:, 0] = torch.arange(10.0)
+        pred.net[4].weight[:, 1] = -torch.arange(10.0)
+    path = save_predictor(pred, tmp_path / "m.safetensors")
+    seen = set()
+    for c, image, prompt in zip(cached, images, prompts):
+        mass = step_mass(c, 10)  # (T, bins)
+        assert mass.shape == (c.n_steps, 10) and torch.allclose(mass[:, 0], torch.ones(c.n_steps))
+        assert (mass[:, 1:] <= mass[:, :-1] + 1e-6).all()  # fewer tokens, less mass
+        with torch.no_grad():
+            want = pred(feature_vector(shares_of(c)[:1], 0, features, mass=mass[:1])).argmax(-1).float() / 10
+        _, state = engine_forced(model, processor, image, prompt, c.response, f"dyrate:k={K},predictor={path}", "evict")
+        assert torch.equal(state.records[0]["rate"][0, :1], want)
+        seen.add(float(want))
+    assert len(seen) > 1, seen
+    with pytest.raises(PolicySpecError, match="mass"):
+        new_predictor("mlp", k=K, model=model, features=features, rank="prefill")  # decide=step
+    with pytest.raises(Exception, match="mass"):
+        TrainConfig(lam=0.0, objective="oracle", rank="prefill", features=features)

@@ -11,11 +11,18 @@ Features (`features`, in this order): `shares` (always, 4 values) and optionally
 probe layer K-1, RMS-normalised without weights: `model_dim` values). `hidden` is our extension,
 not the paper's: it tells the predictor *which* token it is about to predict (after "a large" the
 model needs the image, after "at the" too, after "and" it does not), which the share vector alone
-does not (docs/dyrate.md).
+does not (docs/dyrate.md). `mass` (our extension, one-rate-per-prompt predictors only) is the share
+of the prefill probe's image attention that each bin's kept set holds (B values, the first 1): how
+concentrated the attention is, i.e. how many image tokens carry it; only the prefill's ranking is
+available before the decision, so per-step predictors cannot use it.
 
 Ranking (`rank`): the image tokens a bin keeps are the top of each step's probe (`step`, DESIGN
 section 2) or of the prefill's probe, the last prompt token's, as FastV ranks (`prefill`, our
 extension: with it only the count varies from step to step). Training and inference use the same.
+
+Decision (`decide`): a rate at every step (`step`, DyRate) or one rate per prompt, picked at prefill
+from the last prompt token's probe and kept for the whole answer (`prefill`, our extension: a
+learned per-image FastV rate, which evict mode turns into a smaller prefill and KV cache).
 
 A predictor file is one safetensors file: the weights, plus a JSON object under the header's
 `dyrate` metadata key (arch, bins, probe layer k, features, history, hidden size and the model
@@ -35,8 +42,9 @@ from torch import nn
 from .errors import CheckpointError, PolicySpecError
 
 ARCHS = ("mlp", "gru")
-EXTRA_FEATURES = ("step", "hidden")
+EXTRA_FEATURES = ("step", "hidden", "mass")
 RANKS = ("step", "prefill")
+DECIDES = ("step", "prefill")
 META_KEY = "dyrate"
 FORMAT_VERSION = 1
 
@@ -88,6 +96,7 @@ class PredictorConfig:
     fingerprint: dict | None = None  # model_fingerprint() of the model it was trained for
     model_dim: int = 0  # the decoder's hidden size (feature `hidden` only)
     rank: str = "step"  # which probe ranks the image tokens: each step's ("step") or the prefill's ("prefill")
+    decide: str = "step"  # a rate at every step ("step") or one per prompt at prefill ("prefill")
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -104,18 +113,34 @@ class PredictorConfig:
             raise PolicySpecError("predictor feature 'hidden' needs the decoder's hidden size (model_dim)")
         if self.rank not in RANKS:
             raise PolicySpecError(f"predictor rank {self.rank!r} is not one of {', '.join(RANKS)}")
+        if self.decide not in DECIDES:
+            raise PolicySpecError(f"predictor decide {self.decide!r} is not one of {', '.join(DECIDES)}")
+        if "mass" in self.features and self.decide != "prefill":
+            raise PolicySpecError("predictor feature 'mass' needs decide=prefill (the image ranking is read at prefill)")
         if self.history < 0 or self.hidden < 1:
             raise PolicySpecError(f"predictor history={self.history}, hidden={self.hidden}: need history >= 0, hidden >= 1")
 
     @property
     def in_dim(self) -> int:
-        return 4 + ("step" in self.features) + (self.model_dim if "hidden" in self.features else 0)
+        return (4 + ("step" in self.features) + (self.model_dim if "hidden" in self.features else 0)
+                + (self.bins if "mass" in self.features else 0))
+
+
+def attention_mass(img_scores: torch.Tensor, n_img: torch.Tensor, bins: int) -> torch.Tensor:
+    """(..., S) attention on each image slot (0 on other slots), (...) image-token counts -> (..., bins):
+    the share of that attention which bin i's kept set, the top ceil((1 - i/B) n) tokens, holds."""
+    from .policies.base import keep_counts
+
+    top = img_scores.float().sort(dim=-1, descending=True).values.cumsum(-1)  # (..., S)
+    rates = torch.arange(bins, dtype=torch.float64, device=top.device) / bins
+    counts = keep_counts(rates, n_img.to(top.device)[..., None]).clamp(1, top.shape[-1])  # (..., bins)
+    return top.gather(-1, counts - 1) / top[..., -1:].clamp_min(1e-12)
 
 
 def feature_vector(shares: torch.Tensor, step: torch.Tensor | int, features: tuple[str, ...],
-                   hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """(..., 4) shares (+ step: scalar or (...) tensor; + hidden: (..., d) states after layer K-1)
-    -> (..., F) float32 predictor input."""
+                   hidden: torch.Tensor | None = None, mass: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., 4) shares (+ step: scalar or (...) tensor; + hidden: (..., d) states after layer K-1;
+    + mass: (..., B) from `attention_mass`) -> (..., F) float32 predictor input."""
     parts = [shares.float()]
     for name in features[1:]:
         if name == "step":
@@ -126,6 +151,10 @@ def feature_vector(shares: torch.Tensor, step: torch.Tensor | int, features: tup
                 raise PolicySpecError("this predictor reads the probe layer's hidden state; none was given")
             h = hidden.float()
             parts.append(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))  # (..., d), unit RMS
+        elif name == "mass":
+            if mass is None:
+                raise PolicySpecError("this predictor reads the prefill's image-attention mass; none was given")
+            parts.append(mass.float())
     return torch.cat(parts, dim=-1)
 
 
@@ -193,14 +222,14 @@ class RatePredictor(nn.Module):
 
 def new_predictor(arch: str = "mlp", bins: int = 10, k: int = 2, features=("shares",), history: int = 8,
                   hidden: int = 32, model=None, seed: int = 0, model_dim: int | None = None,
-                  rank: str = "step") -> RatePredictor:
+                  rank: str = "step", decide: str = "step") -> RatePredictor:
     """A freshly initialised predictor (fingerprint and, for feature `hidden`, the decoder's hidden
     size taken from `model` when given; `model_dim` overrides the latter)."""
     fingerprint = model_fingerprint(model) if model is not None else None
     if model_dim is None:
         model_dim = fingerprint["hidden_size"] if fingerprint is not None else 0
     model_dim = model_dim if "hidden" in features else 0
-    config = PredictorConfig(arch, bins, k, tuple(features), history, hidden, fingerprint, model_dim, rank)
+    config = PredictorConfig(arch, bins, k, tuple(features), history, hidden, fingerprint, model_dim, rank, decide)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return RatePredictor(config)
@@ -299,6 +328,7 @@ __all__ = [
     "PredictorConfig",
     "PredictorFileError",
     "RatePredictor",
+    "attention_mass",
     "check_predictor",
     "feature_vector",
     "image_token_count",

@@ -42,8 +42,10 @@ from .api import build_prompt, read_image
 from .engine import IMG, RES
 from .errors import CheckpointError, InputError
 from .predictor import (
+    DECIDES,
     RANKS,
     RatePredictor,
+    attention_mass,
     check_predictor,
     feature_vector,
     new_predictor,
@@ -79,11 +81,19 @@ class TrainConfig:
     # or "oracle": cross-entropy to each step's oracle bin (the most pruning whose KL stays <= oracle_kl)
     oracle_kl: float = 0.02
     rank: str = "step"  # image-token ranking: each step's probe ("step") or the prefill's ("prefill")
+    decide: str = "step"  # a rate per step, or one per prompt at prefill ("prefill": oracle objective only)
 
     def __post_init__(self):
         self.features = tuple(self.features)
         if self.rank not in RANKS:
             raise InputError(f"rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
+        if self.decide not in DECIDES:
+            raise InputError(f"decide must be one of {', '.join(DECIDES)}, got {self.decide!r}")
+        if "mass" in self.features and self.decide != "prefill":
+            raise InputError("the mass feature needs decide=prefill (the engine ranks the image at prefill only)")
+        if self.decide == "prefill" and (self.objective != "oracle" or self.rank != "prefill"):
+            raise InputError("decide=prefill (one rate per prompt) needs the oracle objective and rank=prefill "
+                             "(the prefill's kept set serves every step)")
         if self.objective not in OBJECTIVES:
             raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if (self.lam is None) == (self.target_keep is None):
@@ -188,6 +198,12 @@ def step_hidden(c: Cached) -> torch.Tensor:
     return c.hidden[0, c.n_prompt - 1 : c.n_prompt - 1 + c.n_steps]
 
 
+def step_mass(c: Cached, bins: int) -> torch.Tensor:
+    """(T, bins) the `mass` feature of every response step's probe row (the engine gives it at prefill)."""
+    scores = c.probe[:, c.img_cols]  # (T, N_img)
+    return attention_mass(scores, torch.full((c.n_steps,), scores.shape[1]), bins)
+
+
 def pruned_logprobs(model, c: Cached, p: torch.Tensor, bank: torch.Tensor, k: int, eps: float,
                     hard: torch.Tensor | None = None, rank_by: str = "step") -> torch.Tensor:
     """Layers >= K under the soft mask of bin probabilities p (T, B): log-probabilities (T, V).
@@ -240,10 +256,12 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
     device = next(predictor.parameters()).device
     n_img = len(c.img_cols)
     bank = mask_bank(cfg.bins, n_img, device)
+    mass = step_mass(c, cfg.bins).to(device) if "mass" in predictor.config.features else None  # (T, B)
     x = feature_vector(shares_of(c).to(device), torch.arange(c.n_steps, device=device), predictor.config.features,
-                       step_hidden(c).to(device))  # (T, F)
+                       step_hidden(c).to(device), mass)  # (T, F)
     logits = predictor.forward_sequence(x[None])[0]  # (T, B)
     if cfg.objective == "oracle":  # supervised: no pruned pass needed
+        logits = logits[: len(c.oracle)]  # decide=prefill: one label, the prefill step's
         fit = F.cross_entropy(logits, c.oracle.to(device))
         keep = expected_keep(logits.softmax(-1), bank).mean()
         loss = fit + _penalty(cfg, keep)
@@ -287,6 +305,13 @@ def oracle_from_kls(kls: torch.Tensor, max_kl: float) -> torch.Tensor:
     ok = kls <= max_kl  # (T, bins)
     ok[:, 0] = True  # bin 0 is the full model itself
     return ok.long().cumprod(dim=1).sum(1) - 1  # cumprod: 1 while every bin so far is within
+
+
+def prompt_oracle_from_kls(kls: torch.Tensor, max_kl: float) -> torch.Tensor:
+    """(1,) long: the largest bin i such that bins 1..i keep *every* step's KL <= max_kl when the
+    whole answer is pruned at that bin (kls from `bin_kls` with rank "prefill": FastV at r = i/B,
+    teacher-forced): how much this prompt could drop with one rate decided at prefill."""
+    return oracle_from_kls(kls.max(dim=0, keepdim=True).values, max_kl)  # (1, bins) worst step per bin
 
 
 def oracle_bins(model, c: Cached, bins: int, k: int, eps: float, max_kl: float) -> torch.Tensor:
@@ -399,7 +424,7 @@ def _load_state(path: Path, predictor: RatePredictor, opt: torch.optim.Optimizer
     if STATE_KEY not in meta:
         raise CheckpointError(f"{path}: not a dyrate training state")
     m = json.loads(meta[STATE_KEY])
-    saved = {"objective": "kl", "straight_through": False, "oracle_kl": 0.02, "rank": "step",
+    saved = {"objective": "kl", "straight_through": False, "oracle_kl": 0.02, "rank": "step", "decide": "step",
              **{k: v for k, v in m["config"].items() if k != "steps"}}  # older states
     here = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "steps"}
     if saved != here:
@@ -468,11 +493,13 @@ def label_oracle(model, cache: list[Cached], cfg: TrainConfig, log: Callable[[st
     for c in cache:
         if c.bin_kl is None or c.bin_kl.shape[1] != cfg.bins or c.bin_kl_rank != cfg.rank:
             c.bin_kl, c.bin_kl_rank = bin_kls(model, c, cfg.bins, cfg.k, cfg.eps, cfg.rank), cfg.rank
-        c.oracle = oracle_from_kls(c.bin_kl, cfg.oracle_kl)
+        label = prompt_oracle_from_kls if cfg.decide == "prefill" else oracle_from_kls
+        c.oracle = label(c.bin_kl, cfg.oracle_kl)  # (T,), or (1,) for one rate per prompt
     if log:
         bins = torch.cat([c.oracle for c in cache])
         keep = mask_bank(cfg.bins, len(cache[0].img_cols)).float().mean(1)[bins].mean()
-        log(f"oracle bins (KL <= {cfg.oracle_kl}): mean bin {bins.float().mean():.2f}, kept fraction {keep:.3f}, "
+        what = "per prompt, every step" if cfg.decide == "prefill" else "per step"
+        log(f"oracle bins ({what} KL <= {cfg.oracle_kl}): mean bin {bins.float().mean():.2f}, kept fraction {keep:.3f}, "
             f"histogram {torch.bincount(bins, minlength=cfg.bins).tolist()} ({time.time() - t0:.1f} s)")
 
 
@@ -482,7 +509,7 @@ def _train(model, processor, images, prompts, answers, cfg, out, max_new_tokens,
 
     device = next(model.parameters()).device
     predictor = new_predictor(cfg.arch, cfg.bins, cfg.k, cfg.features, cfg.history, cfg.hidden, model, cfg.seed,
-                              rank=cfg.rank).to(device)
+                              rank=cfg.rank, decide=cfg.decide).to(device)
     opt = torch.optim.AdamW(predictor.parameters(), lr=cfg.lr, weight_decay=0.0)
     spath = state_path(out)
     start, history = 0, []
@@ -538,5 +565,5 @@ def evaluate(model, predictor: RatePredictor, cache: list[Cached], cfg: TrainCon
 
 
 __all__ = ["OBJECTIVES", "Cached", "TrainConfig", "bin_kls", "build_cache", "evaluate", "folder_samples", "gumbel_softmax",
-           "label_oracle", "oracle_from_kls", "prepare", "pruned_logprobs", "reference_responses", "sequence_loss",
-           "shares_of", "step_hidden", "testbed_samples", "train"]
+           "label_oracle", "oracle_from_kls", "prepare", "prompt_oracle_from_kls", "pruned_logprobs", "reference_responses", "sequence_loss",
+           "shares_of", "step_hidden", "step_mass", "testbed_samples", "train"]

@@ -4,7 +4,8 @@ ceil((1 - i/B) * n_img) image tokens from layer K on. `q=Q` (our extension) take
 bin of the predicted distribution instead of the argmax: the lowest bin whose cumulative
 probability reaches Q, a knob between quality and cost that needs no retraining.
 `dyrate:k=K,predictor=FILE` uses an MLP on the current share vector; `dyrate-rnn` (dyrate_rnn.py)
-a GRU over the last N share vectors. Without
+a GRU over the last N share vectors. A predictor file with `decide: prefill` (our extension) picks
+one rate per prompt at prefill and keeps it: no probe at decode steps, as FastV. Without
 predictor=, the predictor shipped for the built-in testbed model is used (`dyrate.testbed.shipped`).
 
 The predictor file (see `dyrate.predictor`) is read when the policy is built. Checks: its arch, its
@@ -32,7 +33,6 @@ class DyRate(Policy):
     PARAMS = ("k", "predictor", "q")
     name = "dyrate"
     arch = "mlp"
-    decode_probe = True
 
     def __post_init__(self):
         from ..predictor import RatePredictor, check_predictor, load_predictor
@@ -61,6 +61,10 @@ class DyRate(Policy):
     @property
     def stages(self) -> tuple[int, ...]:
         return (self.k,)
+
+    @property
+    def decode_probe(self) -> bool:  # type: ignore[override]
+        return self.model.config.decide == "step"  # "prefill": the prefill's rate holds for the answer
 
     @property
     def bins(self) -> int:
@@ -93,7 +97,7 @@ class DyRate(Policy):
             )
 
     def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
-        from ..predictor import feature_vector
+        from ..predictor import attention_mass, feature_vector
 
         if probe.step == 0:
             self._check_n_img(probe)
@@ -101,7 +105,10 @@ class DyRate(Policy):
         param = next(net.parameters())
         if param.device != probe.shares.device:
             net.to(probe.shares.device)
-        x = feature_vector(probe.shares, probe.step, net.config.features, probe.hidden)  # (B, F)
+        mass = None
+        if "mass" in net.config.features:  # decide=prefill: the engine hands over the prefill's ranking
+            mass = attention_mass(probe.img_scores, probe.n_img, self.bins)  # (B, bins)
+        x = feature_vector(probe.shares, probe.step, net.config.features, probe.hidden, mass)  # (B, F)
         logits = net.step(x, state)  # (B, bins)
         if self.q is None:
             bin_ = logits.argmax(-1)  # (B,)
