@@ -457,9 +457,10 @@ def test_mass_feature_matches_engine_at_prefill(tiny, images, prompts, cached, t
     pred = new_predictor("mlp", k=K, model=model, features=features, seed=5, rank="prefill", decide="prefill")
     assert pred.config.in_dim == 4 + 10
     m5 = torch.stack([step_mass(c, 10)[0, 5] for c in cached])  # what bin 5 keeps, per prompt
-    assert float(m5.max() - m5.min()) > 1e-4
-    t = float(m5.min() + m5.max()) / 2
-    with torch.no_grad():  # bin 9 when bin 5 keeps more than t of the attention, else bin 0
+    f5 = torch.log10(1.0 - m5)  # the feature: the dropped share, log scale
+    assert float(f5.max() - f5.min()) > 1e-5
+    t = float(f5.min() + f5.max()) / 2
+    with torch.no_grad():  # bin 9 when bin 5's feature is above t, else bin 0
         for layer in (pred.net[0], pred.net[2], pred.net[4]):
             layer.weight.zero_()
             layer.bias.zero_()

@@ -11,10 +11,10 @@ Features (`features`, in this order): `shares` (always, 4 values) and optionally
 probe layer K-1, RMS-normalised without weights: `model_dim` values). `hidden` is our extension,
 not the paper's: it tells the predictor *which* token it is about to predict (after "a large" the
 model needs the image, after "at the" too, after "and" it does not), which the share vector alone
-does not (docs/dyrate.md). `mass` (our extension, one-rate-per-prompt predictors only) is the share
-of the prefill probe's image attention that each bin's kept set holds (B values, the first 1): how
-concentrated the attention is, i.e. how many image tokens carry it; only the prefill's ranking is
-available before the decision, so per-step predictors cannot use it.
+does not (docs/dyrate.md). `mass` (our extension, one-rate-per-prompt predictors only) tells how
+concentrated the prefill probe's image attention is, i.e. how many image tokens carry it: for each
+bin, log10 of the share of that attention the bin's kept set drops (floored at 1e-4; B values);
+only the prefill's ranking is available before the decision, so per-step predictors cannot use it.
 
 Ranking (`rank`): the image tokens a bin keeps are the top of each step's probe (`step`, DESIGN
 section 2) or of the prefill's probe, the last prompt token's, as FastV ranks (`prefill`, our
@@ -154,7 +154,7 @@ def feature_vector(shares: torch.Tensor, step: torch.Tensor | int, features: tup
         elif name == "mass":
             if mass is None:
                 raise PolicySpecError("this predictor reads the prefill's image-attention mass; none was given")
-            parts.append(mass.float())
+            parts.append(torch.log10((1.0 - mass.float()).clamp_min(1e-4)))  # (..., B) dropped share, log scale
     return torch.cat(parts, dim=-1)
 
 
