@@ -11,7 +11,7 @@
 #   testbed.md attention-share figure          <- docs/img/testbed_shares.{png,json}
 #   shipped predictors                          <- OUT/pred/*.safetensors (copied into assets)
 #   dyrate.md / benchmarks.md evict table       <- OUT/abl-evict/table.md
-#   dyrate.md mask table, per-token table       <- OUT/abl-mask/table.md, OUT/abl-q/table.md
+#   dyrate.md mask table, per-token tables      <- OUT/abl-mask/table.md, OUT/abl-q/table.md, OUT/heldout-q/table.md
 #   dyrate.md decoding table                    <- OUT/abl-dec-*/table.md
 #   dyrate.md rate figure                       <- docs/img/dyrate_rate.{png,json}
 set -euo pipefail
@@ -44,9 +44,13 @@ $DY train-predictor $common --arch gru --history 8 --target-keep 0.2 --out "$OUT
 oracle="--testbed --samples 384 --max-new-tokens 64 --batch 16 --steps 300 --lr 3e-3 --objective oracle --oracle-kl 0.005 --lambda 0 --hidden-feature --rank prefill"
 $DY train-predictor $oracle --arch mlp --out "$OUT/pred/mlp-hidden-prefill.safetensors"
 $DY train-predictor $oracle --arch gru --out "$OUT/pred/gru-hidden-prefill.safetensors"
+strict="${oracle/--oracle-kl 0.005/--oracle-kl 0.001}"   # D = 0.001: the setting chosen on validation (dyrate.md)
+$DY train-predictor $strict --arch mlp --out "$OUT/pred/mlp-hidden-prefill-kl0.001.safetensors"
+$DY train-predictor $strict --arch gru --out "$OUT/pred/gru-hidden-prefill-kl0.001.safetensors"
 cp "$OUT/pred/mlp-30.safetensors" "$ASSETS/predictors/mlp.safetensors"
 cp "$OUT/pred/gru-30.safetensors" "$ASSETS/predictors/gru.safetensors"
-cp "$OUT/pred/mlp-hidden-prefill.safetensors" "$OUT/pred/gru-hidden-prefill.safetensors" "$ASSETS/predictors/"
+cp "$OUT/pred/mlp-hidden-prefill.safetensors" "$OUT/pred/gru-hidden-prefill.safetensors" \
+   "$OUT/pred/gru-hidden-prefill-kl0.001.safetensors" "$ASSETS/predictors/"
 
 P=$OUT/pred
 step "rate strategies, evict mode (300 captions, 600 questions per file)"
@@ -60,6 +64,10 @@ $PY benchmarks/testbed_table.py --data runs/heldout300 --out "$OUT/abl-mask" --m
 step "per-token predictors, mask mode (300 captions, 600 questions per file)"
 $PY benchmarks/testbed_table.py --data runs/heldout300 --out "$OUT/abl-q" --mode mask --captions 300 --questions 600 --threads 2 \
   --policies "none;dyrate:k=2,predictor=$P/mlp-hidden-prefill.safetensors,q=0.05;dyrate:k=2,predictor=$P/mlp-hidden-prefill.safetensors,q=0.15;dyrate:k=2,predictor=$P/mlp-hidden-prefill.safetensors,q=0.3;dyrate-rnn:k=2,predictor=$P/gru-hidden-prefill.safetensors,q=0.15"
+
+step "the per-token settings chosen on validation, and FastV between the evict table's rates (mask mode)"
+$PY benchmarks/testbed_table.py --data runs/heldout300 --out "$OUT/heldout-q" --mode mask --captions 300 --questions 600 --threads 2 \
+  --policies "none;dyrate-rnn:k=2,predictor=$P/gru-hidden-prefill-kl0.001.safetensors,q=0.15;dyrate-rnn:k=2,predictor=$P/gru-hidden-prefill-kl0.001.safetensors,q=0.05;dyrate:k=2,predictor=$P/mlp-hidden-prefill-kl0.001.safetensors,q=0.15;fastv:k=2,r=0.6;fastv:k=2,r=0.85"
 
 step "decoding (100 captions, 150 questions per file)"
 for dec in "" "--num-beams 2" "--num-beams 5" "--top-p 0.9"; do

@@ -77,6 +77,9 @@ def test_shipped_predictors_match_the_model(shipped):
         per_token = parse_policy(f"{name}:predictor={predictor_path(arch, 'hidden-prefill')},q=0.15")
         per_token.check_model(model)
         assert per_token.model.config.features == ("shares", "hidden") and per_token.model.config.rank == "prefill"
+    strict = parse_policy(f"dyrate-rnn:predictor={predictor_path('gru', 'hidden-prefill-kl0.001')},q=0.15")
+    strict.check_model(model)
+    assert strict.model.config.features == ("shares", "hidden") and strict.model.config.rank == "prefill"
 
 
 def _scene_png():

@@ -264,8 +264,6 @@ class Engine:
         evict_now = self.mode == "evict" and current is not None
         kept = current.n_img if evict_now else prev.n_img  # (B,)
         probe = Probe(shares=shares, img_scores=None, n_img=state.n_img, kept=kept, step=state.step, hidden=hidden)
-        if state.step == 0:  # once per call, the prefill's image attention is there before the decision
-            probe.img_scores = row.masked_fill(~((prev.groups == IMG) & prev.attend), 0.0)
         target = self.policy.keep(s - 1, probe, state.policy_state)
         if target is None:
             return None

@@ -11,10 +11,7 @@ Features (`features`, in this order): `shares` (always, 4 values) and optionally
 probe layer K-1, RMS-normalised without weights: `model_dim` values). `hidden` is our extension,
 not the paper's: it tells the predictor *which* token it is about to predict (after "a large" the
 model needs the image, after "at the" too, after "and" it does not), which the share vector alone
-does not (docs/dyrate.md). `mass` (our extension, one-rate-per-prompt predictors only) tells how
-concentrated the prefill probe's image attention is, i.e. how many image tokens carry it: for each
-bin, log10 of the share of that attention the bin's kept set drops (floored at 1e-4; B values);
-only the prefill's ranking is available before the decision, so per-step predictors cannot use it.
+does not (docs/dyrate.md).
 
 Ranking (`rank`): the image tokens a bin keeps are the top of each step's probe (`step`, DESIGN
 section 2) or of the prefill's probe, the last prompt token's, as FastV ranks (`prefill`, our
@@ -42,7 +39,7 @@ from torch import nn
 from .errors import CheckpointError, PolicySpecError
 
 ARCHS = ("mlp", "gru")
-EXTRA_FEATURES = ("step", "hidden", "mass")
+EXTRA_FEATURES = ("step", "hidden")
 RANKS = ("step", "prefill")
 DECIDES = ("step", "prefill")
 META_KEY = "dyrate"
@@ -115,32 +112,18 @@ class PredictorConfig:
             raise PolicySpecError(f"predictor rank {self.rank!r} is not one of {', '.join(RANKS)}")
         if self.decide not in DECIDES:
             raise PolicySpecError(f"predictor decide {self.decide!r} is not one of {', '.join(DECIDES)}")
-        if "mass" in self.features and self.decide != "prefill":
-            raise PolicySpecError("predictor feature 'mass' needs decide=prefill (the image ranking is read at prefill)")
         if self.history < 0 or self.hidden < 1:
             raise PolicySpecError(f"predictor history={self.history}, hidden={self.hidden}: need history >= 0, hidden >= 1")
 
     @property
     def in_dim(self) -> int:
-        return (4 + ("step" in self.features) + (self.model_dim if "hidden" in self.features else 0)
-                + (self.bins if "mass" in self.features else 0))
-
-
-def attention_mass(img_scores: torch.Tensor, n_img: torch.Tensor, bins: int) -> torch.Tensor:
-    """(..., S) attention on each image slot (0 on other slots), (...) image-token counts -> (..., bins):
-    the share of that attention which bin i's kept set, the top ceil((1 - i/B) n) tokens, holds."""
-    from .policies.base import keep_counts
-
-    top = img_scores.float().sort(dim=-1, descending=True).values.cumsum(-1)  # (..., S)
-    rates = torch.arange(bins, dtype=torch.float64, device=top.device) / bins
-    counts = keep_counts(rates, n_img.to(top.device)[..., None]).clamp(1, top.shape[-1])  # (..., bins)
-    return top.gather(-1, counts - 1) / top[..., -1:].clamp_min(1e-12)
+        return 4 + ("step" in self.features) + (self.model_dim if "hidden" in self.features else 0)
 
 
 def feature_vector(shares: torch.Tensor, step: torch.Tensor | int, features: tuple[str, ...],
-                   hidden: torch.Tensor | None = None, mass: torch.Tensor | None = None) -> torch.Tensor:
-    """(..., 4) shares (+ step: scalar or (...) tensor; + hidden: (..., d) states after layer K-1;
-    + mass: (..., B) from `attention_mass`) -> (..., F) float32 predictor input."""
+                   hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., 4) shares (+ step: scalar or (...) tensor; + hidden: (..., d) states after layer K-1)
+    -> (..., F) float32 predictor input."""
     parts = [shares.float()]
     for name in features[1:]:
         if name == "step":
@@ -151,10 +134,6 @@ def feature_vector(shares: torch.Tensor, step: torch.Tensor | int, features: tup
                 raise PolicySpecError("this predictor reads the probe layer's hidden state; none was given")
             h = hidden.float()
             parts.append(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))  # (..., d), unit RMS
-        elif name == "mass":
-            if mass is None:
-                raise PolicySpecError("this predictor reads the prefill's image-attention mass; none was given")
-            parts.append(torch.log10((1.0 - mass.float()).clamp_min(1e-4)))  # (..., B) dropped share, log scale
     return torch.cat(parts, dim=-1)
 
 
@@ -328,7 +307,6 @@ __all__ = [
     "PredictorConfig",
     "PredictorFileError",
     "RatePredictor",
-    "attention_mass",
     "check_predictor",
     "feature_vector",
     "image_token_count",

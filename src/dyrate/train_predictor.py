@@ -45,7 +45,6 @@ from .predictor import (
     DECIDES,
     RANKS,
     RatePredictor,
-    attention_mass,
     check_predictor,
     feature_vector,
     new_predictor,
@@ -89,8 +88,6 @@ class TrainConfig:
             raise InputError(f"rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
         if self.decide not in DECIDES:
             raise InputError(f"decide must be one of {', '.join(DECIDES)}, got {self.decide!r}")
-        if "mass" in self.features and self.decide != "prefill":
-            raise InputError("the mass feature needs decide=prefill (the engine ranks the image at prefill only)")
         if self.decide == "prefill" and (self.objective != "oracle" or self.rank != "prefill"):
             raise InputError("decide=prefill (one rate per prompt) needs the oracle objective and rank=prefill "
                              "(the prefill's kept set serves every step)")
@@ -198,12 +195,6 @@ def step_hidden(c: Cached) -> torch.Tensor:
     return c.hidden[0, c.n_prompt - 1 : c.n_prompt - 1 + c.n_steps]
 
 
-def step_mass(c: Cached, bins: int) -> torch.Tensor:
-    """(T, bins) the `mass` feature of every response step's probe row (the engine gives it at prefill)."""
-    scores = c.probe[:, c.img_cols]  # (T, N_img)
-    return attention_mass(scores, torch.full((c.n_steps,), scores.shape[1]), bins)
-
-
 def pruned_logprobs(model, c: Cached, p: torch.Tensor, bank: torch.Tensor, k: int, eps: float,
                     hard: torch.Tensor | None = None, rank_by: str = "step") -> torch.Tensor:
     """Layers >= K under the soft mask of bin probabilities p (T, B): log-probabilities (T, V).
@@ -256,9 +247,8 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
     device = next(predictor.parameters()).device
     n_img = len(c.img_cols)
     bank = mask_bank(cfg.bins, n_img, device)
-    mass = step_mass(c, cfg.bins).to(device) if "mass" in predictor.config.features else None  # (T, B)
     x = feature_vector(shares_of(c).to(device), torch.arange(c.n_steps, device=device), predictor.config.features,
-                       step_hidden(c).to(device), mass)  # (T, F)
+                       step_hidden(c).to(device))  # (T, F)
     logits = predictor.forward_sequence(x[None])[0]  # (T, B)
     if cfg.objective == "oracle":  # supervised: no pruned pass needed
         logits = logits[: len(c.oracle)]  # decide=prefill: one label, the prefill step's
@@ -566,4 +556,4 @@ def evaluate(model, predictor: RatePredictor, cache: list[Cached], cfg: TrainCon
 
 __all__ = ["OBJECTIVES", "Cached", "TrainConfig", "bin_kls", "build_cache", "evaluate", "folder_samples", "gumbel_softmax",
            "label_oracle", "oracle_from_kls", "prepare", "prompt_oracle_from_kls", "pruned_logprobs", "reference_responses", "sequence_loss",
-           "shares_of", "step_hidden", "step_mass", "testbed_samples", "train"]
+           "shares_of", "step_hidden", "testbed_samples", "train"]

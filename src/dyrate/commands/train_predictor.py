@@ -12,7 +12,7 @@ Examples:
   dyrate train-predictor --model runs/testbed --data runs/testbed-data --arch mlp --target-keep 0.4 --out mlp.safetensors
   dyrate train-predictor --model runs/testbed --testbed --arch mlp --objective ce --lambda 0.1 --out runs/ce.safetensors
   dyrate train-predictor --testbed --arch mlp --objective oracle --oracle-kl 0.05 --lambda 0 --rank prefill \
-      --decide prefill --hidden-feature --mass-feature --max-new-tokens 64 --out runs/prompt.safetensors
+      --decide prefill --hidden-feature --max-new-tokens 64 --out runs/prompt.safetensors
 """
 
 from __future__ import annotations
@@ -56,9 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden-feature", action="store_true",
                    help="also feed the newest token's hidden state after layer K-1 (RMS-normalised) to the predictor "
                         "(our extension: it tells which token comes next)")
-    p.add_argument("--mass-feature", action="store_true",
-                   help="with --decide prefill: also feed the share of the prefill's image attention each bin keeps "
-                        "(our extension: how many image tokens carry the attention)")
     p.add_argument("--samples", type=int, default=64, help="training sequences (default 64)")
     p.add_argument("--batch", type=int, default=4, help="sequences per optimizer step (default 4)")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
@@ -86,8 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1 or args.bins < 2 or args.history < 0 or args.hidden < 1:
         raise InputError(f"need --k >= 1, --bins >= 2, --history >= 0, --hidden >= 1 (got {args.k}, {args.bins}, "
                          f"{args.history}, {args.hidden})")
-    features = ("shares",) + (("step",) if args.step_feature else ()) + (("hidden",) if args.hidden_feature else ()) \
-        + (("mass",) if args.mass_feature else ())
+    features = ("shares",) + (("step",) if args.step_feature else ()) + (("hidden",) if args.hidden_feature else ())
     cfg = TrainConfig(arch=args.arch, k=args.k, bins=args.bins, history=args.history, hidden=args.hidden,
                       features=features, steps=args.steps, batch=args.batch, lr=args.lr, lam=args.lam,
                       target_keep=args.target_keep, budget_weight=args.budget_weight, tau_start=args.tau_start,

@@ -54,9 +54,9 @@ class Probe:
     shares: (B, 4) float, attention of the newest query at the probe layer summed per group
             (sys, img, ins, res), head-averaged; each row sums to 1.
     img_scores: (B, S) float, that attention on each image slot (0 where the slot is not a
-            candidate image token); the engine ranks image tokens by it. At prefill it is there
-            for `keep` too; at decode steps only for `scores`, i.e. after `keep` asked some row
-            to give tokens up (None inside `keep`: the cheap part of a step comes first).
+            candidate image token); the engine ranks image tokens by it. Filled only for `scores`,
+            i.e. after `keep` asked some row to give tokens up (None inside `keep`: the cheap
+            part of a step comes first).
     n_img: (B,) long, image tokens of each row before any pruning.
     kept: (B,) long, image tokens this stage keeps before this step's decision.
     step: 0 at prefill, t at the t-th decode step.

@@ -97,7 +97,7 @@ class DyRate(Policy):
             )
 
     def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
-        from ..predictor import attention_mass, feature_vector
+        from ..predictor import feature_vector
 
         if probe.step == 0:
             self._check_n_img(probe)
@@ -105,10 +105,7 @@ class DyRate(Policy):
         param = next(net.parameters())
         if param.device != probe.shares.device:
             net.to(probe.shares.device)
-        mass = None
-        if "mass" in net.config.features:  # decide=prefill: the engine hands over the prefill's ranking
-            mass = attention_mass(probe.img_scores, probe.n_img, self.bins)  # (B, bins)
-        x = feature_vector(probe.shares, probe.step, net.config.features, probe.hidden, mass)  # (B, F)
+        x = feature_vector(probe.shares, probe.step, net.config.features, probe.hidden)  # (B, F)
         logits = net.step(x, state)  # (B, bins)
         if self.q is None:
             bin_ = logits.argmax(-1)  # (B,)

@@ -5,7 +5,8 @@ safetensors, tokenizer, processor, `testbed.json`), `quality.json` (the held-out
 in docs/testbed.md, which a test re-checks on a few scenes) and `predictors/` (DyRate rate
 predictors trained for this model: `mlp.safetensors`, `gru.safetensors`, the defaults of `dyrate`
 and `dyrate-rnn`; `mlp-hidden-prefill.safetensors`, `gru-hidden-prefill.safetensors`, the
-per-token variants of docs/dyrate.md, for mask mode with `q=`).
+per-token variants of docs/dyrate.md, for mask mode with `q=`; `gru-hidden-prefill-kl0.001.safetensors`,
+the per-token GRU with stricter labels chosen on the validation set, e.g. with `q=0.15`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def model_dir() -> Path:
 
 def predictor_path(arch: str = "mlp", variant: str = "") -> Path:
     """A shipped DyRate predictor file for the shipped model ('mlp' or 'gru'; variant '' for the
-    default, 'hidden-prefill' for the per-token one)."""
+    default, 'hidden-prefill' or 'hidden-prefill-kl0.001' for the per-token ones)."""
     path = ASSET_DIR / "predictors" / (f"{arch}-{variant}.safetensors" if variant else f"{arch}.safetensors")
     if not path.is_file():
         raise CheckpointError(f"no shipped {arch!r} predictor ({path}); train one with `dyrate train-predictor`")
