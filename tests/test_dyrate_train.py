@@ -427,7 +427,7 @@ def test_decide_prefill_training(tiny, tiny_dir, images, prompts, tmp_path, caps
     assert torch.isfinite(loss) and info["fit"] > 0
     out = train(model, processor, images, prompts, cfg, tmp_path / "p.safetensors", progress=False, cache=cache)
     assert load_predictor(out["out"]).config.decide == "prefill"
-    for bad in (dict(objective="kl", rank="prefill"), dict(objective="oracle", rank="step"), dict(decide="later")):
+    for bad in ({"objective": "kl", "rank": "prefill"}, {"objective": "oracle", "rank": "step"}, {"decide": "later"}):
         with pytest.raises(Exception, match="decide"):
             TrainConfig(lam=0.0, **{"decide": "prefill", **bad})
     rc = main(["train-predictor", "--model", str(tiny_dir), "--testbed", "--arch", "mlp", "--lambda", "0",
