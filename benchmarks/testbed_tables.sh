@@ -47,6 +47,7 @@ $DY train-predictor $oracle --arch gru --out "$OUT/pred/gru-hidden-prefill.safet
 strict="${oracle/--oracle-kl 0.005/--oracle-kl 0.001}"   # D = 0.001: the setting chosen on validation (dyrate.md)
 $DY train-predictor $strict --arch mlp --out "$OUT/pred/mlp-hidden-prefill-kl0.001.safetensors"
 $DY train-predictor $strict --arch gru --out "$OUT/pred/gru-hidden-prefill-kl0.001.safetensors"
+$DY train-predictor ${oracle/--oracle-kl 0.005/--oracle-kl 0.0003} --arch gru --out "$OUT/pred/gru-hidden-prefill-kl0.0003.safetensors"
 cp "$OUT/pred/mlp-30.safetensors" "$ASSETS/predictors/mlp.safetensors"
 cp "$OUT/pred/gru-30.safetensors" "$ASSETS/predictors/gru.safetensors"
 cp "$OUT/pred/mlp-hidden-prefill.safetensors" "$OUT/pred/gru-hidden-prefill.safetensors" \
@@ -67,7 +68,7 @@ $PY benchmarks/testbed_table.py --data runs/heldout300 --out "$OUT/abl-q" --mode
 
 step "the per-token settings chosen on validation, and FastV between the evict table's rates (mask mode)"
 $PY benchmarks/testbed_table.py --data runs/heldout300 --out "$OUT/heldout-q" --mode mask --captions 300 --questions 600 --threads 2 \
-  --policies "none;dyrate-rnn:k=2,predictor=$P/gru-hidden-prefill-kl0.001.safetensors,q=0.15;dyrate-rnn:k=2,predictor=$P/gru-hidden-prefill-kl0.001.safetensors,q=0.05;dyrate:k=2,predictor=$P/mlp-hidden-prefill-kl0.001.safetensors,q=0.15;fastv:k=2,r=0.6;fastv:k=2,r=0.85"
+  --policies "none;dyrate-rnn:k=2,predictor=$P/gru-hidden-prefill-kl0.001.safetensors,q=0.15;dyrate-rnn:k=2,predictor=$P/gru-hidden-prefill-kl0.001.safetensors,q=0.05;dyrate:k=2,predictor=$P/mlp-hidden-prefill-kl0.001.safetensors,q=0.15;fastv:k=2,r=0.6;fastv:k=2,r=0.85;dyrate-rnn:k=2,predictor=$P/gru-hidden-prefill-kl0.0003.safetensors,q=0.2"
 
 step "decoding (100 captions, 150 questions per file)"
 for dec in "" "--num-beams 2" "--num-beams 5" "--top-p 0.9"; do
