@@ -480,10 +480,10 @@ def build_cache(model, processor, images, prompts, cfg: TrainConfig, max_new_tok
 def label_oracle(model, cache: list[Cached], cfg: TrainConfig, log: Callable[[str], None] | None = None) -> None:
     """Set every sequence's oracle bins at cfg.oracle_kl (the per-bin KLs are computed once and kept)."""
     t0 = time.time()
+    label = prompt_oracle_from_kls if cfg.decide == "prefill" else oracle_from_kls
     for c in cache:
         if c.bin_kl is None or c.bin_kl.shape[1] != cfg.bins or c.bin_kl_rank != cfg.rank:
             c.bin_kl, c.bin_kl_rank = bin_kls(model, c, cfg.bins, cfg.k, cfg.eps, cfg.rank), cfg.rank
-        label = prompt_oracle_from_kls if cfg.decide == "prefill" else oracle_from_kls
         c.oracle = label(c.bin_kl, cfg.oracle_kl)  # (T,), or (1,) for one rate per prompt
     if log:
         bins = torch.cat([c.oracle for c in cache])
