@@ -11,8 +11,8 @@ Examples:
   dyrate train-predictor --model runs/testbed --testbed --arch gru --lambda 0.1 --out runs/gru.safetensors
   dyrate train-predictor --model runs/testbed --data runs/testbed-data --arch mlp --target-keep 0.4 --out mlp.safetensors
   dyrate train-predictor --model runs/testbed --testbed --arch mlp --objective ce --lambda 0.1 --out runs/ce.safetensors
-  dyrate train-predictor --testbed --arch mlp --objective oracle --oracle-kl 0.05 --lambda 0 --rank prefill \
-      --decide prefill --hidden-feature --max-new-tokens 64 --out runs/prompt.safetensors
+  dyrate train-predictor --testbed --arch mlp --objective oracle --oracle-kl 0.05 --lambda 0 --rank prefill
+      --decide prefill --hidden-feature --max-new-tokens 64 --out runs/prompt.safetensors   (one command)
 """
 
 from __future__ import annotations
