@@ -104,7 +104,8 @@ def main() -> None:
     md = "\n".join(lines) + "\n"
     note = (f"\nmode {args.mode}, decoding {decoding or 'greedy'}; captions: {args.captions} rows, VQA and each POPE "
             f"split: {args.questions} rows; cost columns from the caption run (retained image tokens, mean over pruned "
-            "layers and steps; the VQA run's and the mean of the POPE runs' beside it; FLOPs ratios to the unpruned model, decoder only, FFN 2dm); mean rel. = mean over "
+            "layers and steps; the VQA run's and the mean of the POPE runs' beside it; FLOPs ratios to the "
+            "unpruned model, decoder only, FFN 2dm); mean rel. = mean over "
             "the quality columns of the ratio to the first policy.\n")
     (out / "table.md").write_text(md + note)
     (out / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
