@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from dyrate.api import load
-from dyrate.soft_mask import mask_bank
+from dyrate.learn.soft_mask import mask_bank
 from dyrate.train_predictor import TrainConfig, build_cache, label_oracle, testbed_samples, train
 
 

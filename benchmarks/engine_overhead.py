@@ -20,7 +20,7 @@ from PIL import Image
 
 import dyrate
 from dyrate.api import build_prompt
-from dyrate.tiny import tiny_model
+from tiny import tiny_model
 
 
 def main() -> None:

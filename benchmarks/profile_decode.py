@@ -13,7 +13,7 @@ import time
 import torch
 
 from dyrate.adapters import adapter_for
-from dyrate.bench import make_inputs, random_llava
+from dyrate.measure.bench import make_inputs, random_llava
 from dyrate.engine import Engine
 from dyrate.policies import parse_policy
 

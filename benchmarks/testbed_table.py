@@ -23,6 +23,7 @@ import torch
 
 from dyrate.api import load
 from dyrate.evaluation import EvalConfig, prepare, run_eval
+from dyrate.testbed.scoring import SceneObjects
 
 # (task, file, column label, metric key in summary.json)
 TASKS = [
@@ -68,7 +69,7 @@ def main() -> None:
             config = EvalConfig(
                 task=task, data=Path(args.data) / file, policies=args.policies, out=run_dir, mode=args.mode,
                 limit=args.captions if task == "caption" else args.questions, batch_size=args.batch_size,
-                model_name=args.model or "builtin", decoding=decoding, progress=True,
+                model_name=args.model or "builtin", decoding=decoding, progress=True, truth=SceneObjects(),
             )
             print(f"{task}: {file}", file=sys.stderr)
             runs[run_dir] = run_eval(model, processor, prepare(config), log=None)

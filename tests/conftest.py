@@ -6,7 +6,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from dyrate.tiny import save_tiny, tiny_model  # noqa: E402
+from tiny import save_tiny, tiny_model  # noqa: E402
 
 torch.set_num_threads(1)
 

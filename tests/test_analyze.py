@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
-from dyrate.analyze import attention_shares
+from dyrate.evaluation.analyze import attention_shares
 from dyrate.api import build_prompt
 from dyrate.cli import main
-from dyrate.tiny import tiny_model
+from tiny import tiny_model
 
 
 def test_shares_sum_to_one_and_match_eager_attention(tiny, images, prompts):
@@ -75,7 +75,7 @@ def test_cli_writes_png_and_json(tmp_path, tiny_dir, images, capsys):
 def test_policy_trace_against_the_generation_trace(tiny, images, prompts, tmp_path, tiny_dir, capsys):
     """--policy: per-step means of the policy's own trace (rate, kept fraction, shares), and the
     example row's rates are that row's trace; the CLI writes PNG + JSON and refuses bad input."""
-    from dyrate.analyze import policy_trace
+    from dyrate.evaluation.analyze import policy_trace
     from dyrate.api import generate
 
     model, processor = tiny

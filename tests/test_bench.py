@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dyrate.bench import RANDOM_CONFIGS, bench, random_llava
+from dyrate.measure.bench import RANDOM_CONFIGS, bench, random_llava
 from dyrate.cli import main
 from dyrate.errors import InputError
 

@@ -12,13 +12,13 @@ import dyrate
 from dyrate.cli import main
 from dyrate.errors import CheckpointError, PolicySpecError
 from dyrate.policies import parse_policy
-from dyrate.predictor import (
+from dyrate.learn.predictors import (
     check_predictor,
     load_predictor,
     new_predictor,
     save_predictor,
 )
-from dyrate.tiny import tiny_model
+from tiny import tiny_model
 
 K = 2
 ARCH_POLICY = {"mlp": "dyrate", "gru": "dyrate-rnn"}
@@ -147,7 +147,7 @@ def test_refuses_non_safetensors(tmp_path, tiny):
     with pytest.raises(CheckpointError, match="no such predictor file"):
         parse_policy(f"dyrate:predictor={tmp_path / 'missing.safetensors'}")
     # no predictor=: the one shipped for the built-in model, which refuses another model
-    from dyrate.testbed.shipped import predictor_path
+    from dyrate.assets import predictor_path
 
     assert parse_policy("dyrate:k=2").predictor == str(predictor_path("mlp"))
     assert parse_policy("dyrate-rnn").predictor == str(predictor_path("gru"))
@@ -178,7 +178,7 @@ def test_hidden_feature_reads_the_state_after_layer_k_minus_1(tiny, vanilla, ima
     """A predictor that looks only at the hidden state decides at prefill from the last prompt
     token's output of layer K-1, computed here independently by plain transformers."""
     from dyrate.api import build_prompt
-    from dyrate.predictor import feature_vector
+    from dyrate.learn.predictors import feature_vector
 
     model, processor = tiny
     pred = new_predictor("mlp", k=K, model=model, features=("shares", "hidden"), seed=6)
@@ -224,7 +224,7 @@ def test_quantile_bin(tiny, images, prompts, tmp_path):
     the predictor's own logits on the trace's inputs); q near 0 keeps everything, q near 1 prunes
     the most; bad q values are refused."""
     from dyrate.policies.dyrate import DyRate
-    from dyrate.predictor import feature_vector
+    from dyrate.learn.predictors import feature_vector
 
     pred = new_predictor("mlp", k=K, model=tiny[0], features=("shares", "step"), seed=3)
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dyrate.policies.base import keep_count
-from dyrate.soft_mask import expected_keep, mask_bank, ranks, soft_mask
+from dyrate.learn.soft_mask import expected_keep, mask_bank, ranks, soft_mask
 
 
 @pytest.mark.parametrize("bins,n_img", [(10, 16), (4, 7), (10, 576), (3, 1)])

@@ -13,30 +13,26 @@ from dyrate.api import build_prompt
 from dyrate.cli import main
 from dyrate.engine import Engine
 from dyrate.policies import parse_policy
-from dyrate.predictor import feature_vector, load_predictor, new_predictor
-from dyrate.soft_mask import mask_bank
-from dyrate.train_predictor import (
-    TrainConfig,
-    evaluate,
-    frozen,
-    greedy_responses,
-    gumbel_softmax,
-    prepare,
-    pruned_logprobs,
-    reference_responses,
-    sequence_loss,
-    shares_of,
-    train,
-)
+from dyrate.learn.predictors import feature_vector, load_predictor, new_predictor
+from dyrate.learn.soft_mask import mask_bank
+from dyrate.learn import Sample, TrainConfig
+from dyrate.learn.objective import evaluate, gumbel_softmax, sequence_loss
+from dyrate.learn.samples import greedy_responses, reference_responses
+from dyrate.learn.teacher import prepare, pruned_logprobs, shares_of
+from dyrate.learn.train import frozen, train
 
 K = 2
 ANSWERS = ["a red square", "two blue circles and a green triangle", "yes"]
 
 
+def samples_of(images, prompts, answers=None):
+    return [Sample(im, pr, a) for im, pr, a in zip(images, prompts, answers or [None] * len(prompts))]
+
+
 @pytest.fixture(scope="module")
 def cached(tiny, images, prompts):
     model, processor = tiny
-    responses = greedy_responses(model, processor, images, prompts, max_new_tokens=8)
+    responses = greedy_responses(model, processor, samples_of(images, prompts), max_new_tokens=8)
     return [prepare(model, processor, im, pr, resp, K) for im, pr, resp in zip(images, prompts, responses)]
 
 
@@ -93,6 +89,15 @@ def ce_cached(tiny, images, prompts):
     return [prepare(model, processor, im, pr, resp, K) for im, pr, resp in zip(images, prompts, responses)]
 
 
+def test_greedy_responses_are_the_unpruned_answers(tiny, images, prompts):
+    """The teacher answers (transformers' model.generate) are dyrate's `none` answers, EOS included."""
+    import dyrate
+
+    model, processor = tiny
+    ours = [r.token_ids for r in dyrate.generate(model, processor, images, prompts, policy="none", max_new_tokens=8)]
+    assert greedy_responses(model, processor, samples_of(images, prompts), max_new_tokens=8, batch=2) == ours
+
+
 def test_reference_responses(tiny):
     model, processor = tiny
     tok = processor.tokenizer
@@ -142,14 +147,14 @@ def test_ce_training_and_objective_mismatch(tiny, images, prompts, tmp_path):
     model, processor = tiny
     cfg = TrainConfig(arch="mlp", k=K, steps=2, batch=2, hidden=8, lam=0.5, objective="ce")
     out = tmp_path / "ce.safetensors"
-    with pytest.raises(InputError, match="ce objective needs reference answers"):
-        train(model, processor, images, prompts, cfg, out, progress=False)
-    summary = train(model, processor, images, prompts, cfg, out, progress=False, answers=ANSWERS)
+    with pytest.raises(InputError, match="ce objective needs a reference answer"):
+        train(model, processor, samples_of(images, prompts), cfg, out, progress=False)
+    summary = train(model, processor, samples_of(images, prompts, ANSWERS), cfg, out, progress=False)
     assert summary["finished"] and out.is_file() and load_predictor(out).bins == 10
     assert set(summary["last"]) == {"step", "tau", "loss", "fit", "kl", "keep"}
     kl_cfg = TrainConfig(arch="mlp", k=K, steps=4, batch=2, hidden=8, lam=0.5, objective="kl")
     with pytest.raises(CheckpointError, match="objective=ce"):
-        train(model, processor, images, prompts, kl_cfg, out, max_new_tokens=4, progress=False)
+        train(model, processor, samples_of(images, prompts), kl_cfg, out, max_new_tokens=4, progress=False)
     with pytest.raises(InputError, match="objective"):
         TrainConfig(lam=0.5, objective="x")
 
@@ -167,12 +172,12 @@ def test_training_lowers_loss_and_resumes(tiny, images, prompts, tmp_path, arch,
     kw = {"target_keep": 0.3, "lam": None} if budget else {"lam": 1.0}
     cfg = TrainConfig(arch=arch, k=K, steps=30, batch=3, lr=1e-2, history=3, hidden=16, **kw)
     out = tmp_path / "pred.safetensors"
-    half = train(model, processor, images, prompts, cfg, out, max_new_tokens=6, progress=False, stop_after=15)
+    half = train(model, processor, samples_of(images, prompts), cfg, out, max_new_tokens=6, progress=False, stop_after=15)
     assert half["steps"] == 15 and not half["finished"]
-    full = train(model, processor, images, prompts, cfg, out, max_new_tokens=6, progress=False)
+    full = train(model, processor, samples_of(images, prompts), cfg, out, max_new_tokens=6, progress=False)
     assert full["steps"] == 30 and full["finished"]
     # noise-free loss before vs after training, on the training sequences
-    responses = greedy_responses(model, processor, images, prompts, 6)
+    responses = greedy_responses(model, processor, samples_of(images, prompts), 6)
     cache = [prepare(model, processor, im, pr, r, K) for im, pr, r in zip(images, prompts, responses)]
     before = evaluate(model, new_predictor(arch, cfg.bins, K, cfg.features, 3, 16, model, cfg.seed), cache, cfg)
     trained = load_predictor(out)
@@ -180,7 +185,7 @@ def test_training_lowers_loss_and_resumes(tiny, images, prompts, tmp_path, arch,
     assert after["loss"] < before["loss"], (before, after)
     # a resumed run equals an uninterrupted one
     other = tmp_path / "straight.safetensors"
-    train(model, processor, images, prompts, cfg, other, max_new_tokens=6, progress=False)
+    train(model, processor, samples_of(images, prompts), cfg, other, max_new_tokens=6, progress=False)
     straight = load_predictor(other)
     for a, b in zip(trained.state_dict().values(), straight.state_dict().values()):
         torch.testing.assert_close(a, b)
@@ -222,7 +227,7 @@ def test_cli_train_predictor(tiny_dir, tmp_path, capsys):
 
 def test_folder_samples(tmp_path, images):
     from dyrate.errors import InputError
-    from dyrate.train_predictor import folder_samples
+    from dyrate.evaluation.datasets import training_samples
 
     (tmp_path / "images").mkdir()
     images[0].save(tmp_path / "images" / "a.png")
@@ -233,23 +238,25 @@ def test_folder_samples(tmp_path, images):
     captions = {"images": [{"id": 3, "file_name": "a.png"}],
                 "annotations": [{"image_id": 3, "caption": "a noisy square."}, {"image_id": 3, "caption": "noise."}]}
     (tmp_path / "captions.json").write_text(json.dumps(captions))
-    ims, qs, answers = folder_samples(tmp_path, 5)
-    assert qs == ["what colour?", "is there a cat?", "describe the image."] and ims[0].name == "a.png"
-    assert answers == ["red", "no", "a noisy square."]
-    assert folder_samples(tmp_path, 2)[2] == ["red", "no"]
+    got = training_samples(tmp_path, 5)
+    assert [s.prompt for s in got] == ["what colour?", "is there a cat?", "describe the image."]
+    assert got[0].image.name == "a.png"
+    assert [s.answer for s in got] == ["red", "no", "a noisy square."]
+    assert [s.answer for s in training_samples(tmp_path, 2)] == ["red", "no"]
     with pytest.raises(InputError):
-        folder_samples(tmp_path / "images", 5)
+        training_samples(tmp_path / "images", 5)
 
 
 def test_testbed_samples_answers(tiny):
     from dyrate.testbed.data import sample_example, train_scene_seed
-    from dyrate.train_predictor import testbed_samples
+    from dyrate.testbed.data import predictor_samples
 
-    ims, qs, answers = testbed_samples(tiny[0], 3, seed=1)
-    assert len(ims) == len(qs) == len(answers) == 3
-    for i, (q, a) in enumerate(zip(qs, answers)):
+    got = predictor_samples(tiny[0].config.vision_config.image_size, 3, seed=1)
+    assert len(got) == 3
+    for i, s in enumerate(got):
         ex = sample_example(train_scene_seed(101, 0, 1, i))
-        assert (q, a) == (ex.question, ex.answer) and a
+        assert (s.prompt, s.answer) == (ex.question, ex.answer) and s.answer
+        assert s.image.size == (tiny[0].config.vision_config.image_size,) * 2
 
 
 def test_straight_through_forward_is_the_hard_mask(tiny, cached):
@@ -272,7 +279,7 @@ def test_straight_through_forward_is_the_hard_mask(tiny, cached):
 def test_oracle_bins_and_objective(tiny, cached):
     """Oracle bins: every bin passes an infinite KL threshold, none a negative one, and a finite one
     gives per-step bins between; the oracle objective is the cross-entropy to them."""
-    from dyrate.train_predictor import oracle_bins
+    from dyrate.learn.oracle import oracle_bins
 
     model = tiny[0]
     c = cached[1]
@@ -295,8 +302,8 @@ def test_hidden_feature_matches_engine_step_for_step(tiny, images, prompts, cach
     """Feature `hidden` (the newest token's state after layer K-1): the teacher-forced pass feeds
     the predictor what the engine feeds it at every step, so their decisions agree step for step;
     and with it the rate varies within a sequence, gradients reach the predictor."""
-    from dyrate.predictor import save_predictor
-    from dyrate.train_predictor import step_hidden
+    from dyrate.learn.predictors import save_predictor
+    from dyrate.learn.teacher import step_hidden
 
     model, processor = tiny
     features = ("shares", "step", "hidden")
@@ -329,7 +336,7 @@ def test_hidden_feature_matches_engine_step_for_step(tiny, images, prompts, cach
 
 def test_hidden_feature_needs_its_dimension(tiny):
     from dyrate.errors import CheckpointError, PolicySpecError
-    from dyrate.predictor import PredictorConfig, check_predictor
+    from dyrate.learn.predictors import PredictorConfig, check_predictor
 
     with pytest.raises(PolicySpecError, match="needs the decoder's hidden size"):
         PredictorConfig(features=("shares", "hidden"))
@@ -349,7 +356,7 @@ def test_hidden_feature_needs_its_dimension(tiny):
 
 
 def test_oracle_from_kls_by_hand():
-    from dyrate.train_predictor import oracle_from_kls
+    from dyrate.learn.oracle import oracle_from_kls
 
     kls = torch.tensor([[0.0, 0.01, 0.02, 0.5],   # bins 1, 2 within 0.02, bin 3 not -> 2
                         [0.0, 0.03, 0.01, 0.01],  # bin 1 already over -> 0 (later bins do not count)
@@ -361,12 +368,13 @@ def test_oracle_from_kls_by_hand():
 def test_train_on_a_shared_cache(tiny, images, prompts, tmp_path):
     """build_cache once, then two oracle thresholds: the per-bin KLs are reused, the labels follow
     the threshold, and train() writes a working predictor from the given cache."""
-    from dyrate.train_predictor import build_cache, label_oracle
+    from dyrate.learn.oracle import label_oracle
+    from dyrate.learn.train import build_cache
 
     model, processor = tiny
     cfg = TrainConfig(arch="mlp", k=K, lam=0.0, objective="oracle", oracle_kl=float("inf"), steps=3, batch=2,
                       features=("shares", "hidden"))
-    cache = build_cache(model, processor, images, prompts, cfg, max_new_tokens=6)
+    cache = build_cache(model, processor, samples_of(images, prompts), cfg, max_new_tokens=6)
     assert all((c.oracle == 9).all() and c.bin_kl.shape == (c.n_steps, 10) for c in cache)
     kls = [c.bin_kl for c in cache]
     cfg2 = TrainConfig(arch="mlp", k=K, lam=0.0, objective="oracle", oracle_kl=-1.0, steps=3, batch=2,
@@ -374,7 +382,7 @@ def test_train_on_a_shared_cache(tiny, images, prompts, tmp_path):
     label_oracle(model, cache, cfg2)
     assert all((c.oracle == 0).all() for c in cache)
     assert all(c.bin_kl is k for c, k in zip(cache, kls))  # not recomputed
-    out = train(model, processor, images, prompts, cfg, tmp_path / "p.safetensors", progress=False, cache=cache)
+    out = train(model, processor, samples_of(images, prompts), cfg, tmp_path / "p.safetensors", progress=False, cache=cache)
     assert out["finished"] and all((c.oracle == 9).all() for c in cache)  # relabelled at cfg's threshold
     pred = load_predictor(out["out"])
     assert pred.config.features == ("shares", "hidden")
@@ -398,7 +406,7 @@ def test_prefill_rank_soft_mask_is_engine_fastv_mask_mode(tiny, images, prompts,
 def test_prompt_oracle_from_kls_by_hand():
     """decide=prefill: one label per prompt, the most pruning whose KL stays within the threshold at
     *every* step (bins 1..i all within, as per step)."""
-    from dyrate.train_predictor import prompt_oracle_from_kls
+    from dyrate.learn.oracle import prompt_oracle_from_kls
 
     kls = torch.tensor([[0.0, 0.01, 0.02, 0.5],
                         [0.0, 0.00, 0.03, 0.01],   # bin 2 over at this step -> the prompt gets 1
@@ -411,12 +419,12 @@ def test_prompt_oracle_from_kls_by_hand():
 def test_decide_prefill_training(tiny, tiny_dir, images, prompts, tmp_path, capsys):
     """decide=prefill trains on one label per prompt (the prefill step's) and writes it into the file;
     settings it cannot use are refused with one line."""
-    from dyrate.train_predictor import build_cache
+    from dyrate.learn.train import build_cache
 
     model, processor = tiny
     cfg = TrainConfig(arch="mlp", k=K, lam=0.0, objective="oracle", oracle_kl=1e-3, rank="prefill", decide="prefill",
                       steps=4, batch=2, features=("shares", "hidden"))
-    cache = build_cache(model, processor, images, prompts, cfg, max_new_tokens=6)
+    cache = build_cache(model, processor, samples_of(images, prompts), cfg, max_new_tokens=6)
     for c in cache:
         assert c.oracle.shape == (1,) and c.n_steps > 1
         worst = c.bin_kl.max(0).values  # (bins,)
@@ -425,7 +433,7 @@ def test_decide_prefill_training(tiny, tiny_dir, images, prompts, tmp_path, caps
     loss, info = sequence_loss(model, new_predictor("mlp", k=K, model=model, features=("shares", "hidden")), cache[0],
                                cfg, 1.0, None)
     assert torch.isfinite(loss) and info["fit"] > 0
-    out = train(model, processor, images, prompts, cfg, tmp_path / "p.safetensors", progress=False, cache=cache)
+    out = train(model, processor, samples_of(images, prompts), cfg, tmp_path / "p.safetensors", progress=False, cache=cache)
     assert load_predictor(out["out"]).config.decide == "prefill"
     for bad in ({"objective": "kl", "rank": "prefill"}, {"objective": "oracle", "rank": "step"}, {"decide": "later"}):
         with pytest.raises(Exception, match="decide"):

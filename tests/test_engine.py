@@ -8,8 +8,9 @@ import torch
 
 from dyrate.adapters import adapter_for
 from dyrate.api import build_prompt, generate
-from dyrate.engine import IMG, Engine
-from dyrate.generation import GenerationOptions, decode
+from dyrate.adapters import IMG
+from dyrate.engine import Engine
+from dyrate.engine import GenerationOptions, generate_tokens
 from dyrate.policies import Policy, parse_policy
 
 from reference import reference_generate
@@ -33,7 +34,7 @@ def batch_inputs(processor, images, prompts):
 def run_engine(model, batch, spec, mode="evict", **opts):
     engine = Engine(adapter_for(model), parse_policy(spec), mode)
     with torch.inference_mode():
-        outs, state = decode(engine, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+        outs, state = generate_tokens(engine, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                              GenerationOptions(**opts), eos=[3], pad=0)
     return engine, outs, state
 
@@ -229,7 +230,8 @@ def test_long_forced_decode_matches_full_forward(tiny, vanilla, images, prompts,
     """70 forced decode steps (past the segments' spare room, so their buffers grow): the engine's
     logits equal plain transformers' forward over the whole sequence (unpruned specs), and every
     segment's slot bookkeeping stays consistent."""
-    from dyrate.engine import RES, Segment
+    from dyrate.adapters import RES
+    from dyrate.engine import Segment
 
     model, processor = tiny
     batch = batch_inputs(processor, images[:1], prompts[:1])

@@ -132,9 +132,11 @@ def test_object_metrics():
     gold = scene_objects(scene)
     from dyrate.testbed.language import caption
 
-    perfect = M.object_metrics([(caption(scene), gold)])
+    from dyrate.testbed.scoring import object_metrics
+
+    perfect = object_metrics([(caption(scene), gold)])
     assert perfect == {"object_precision": 1.0, "object_recall": 1.0, "object_f1": 1.0}
-    empty = M.object_metrics([("nothing here", gold)])
+    empty = object_metrics([("nothing here", gold)])
     assert empty["object_f1"] == 0.0
-    both = M.object_metrics([(caption(scene), gold), ("nothing here", gold)])
+    both = object_metrics([(caption(scene), gold), ("nothing here", gold)])
     assert both["object_f1"] == pytest.approx(0.5)

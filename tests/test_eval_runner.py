@@ -17,6 +17,7 @@ from dyrate.cli import main
 from dyrate.errors import InputError, PolicySpecError
 from dyrate.evaluation import EvalConfig, load_dataset, prepare, run_eval
 from dyrate.evaluation import store as S
+from dyrate.testbed.scoring import SceneObjects
 
 POLICIES = ["none", "fastv:k=2,r=0.5"]
 
@@ -246,6 +247,7 @@ def test_caption_run_on_testbed_data(tmp_path, tiny):
         task="caption",
         policies="none;fastv:k=2,r=0.5;vtw:k=2",
         max_new_tokens=6,
+        truth=SceneObjects(),
     )
     summary = run_eval(model, processor, prepare(cfg), log=None)
     out = tmp_path / "out"
@@ -265,7 +267,7 @@ def test_caption_run_on_testbed_data(tmp_path, tiny):
     assert set(by_policy["none"]["metrics"]) >= {"object_f1", "object_precision", "object_recall"}
     if shutil.which("java"):
         assert set(by_policy["none"]["metrics"]) >= {"CIDEr", "BLEU-4", "ROUGE-L"}
-    assert summary["baseline"] == "none" and summary["scenes"].endswith("scenes.jsonl")
+    assert summary["baseline"] == "none" and summary["truth"].endswith("scenes.jsonl")
     assert by_policy["vtw:k=2"]["retained"] == 0.0 and by_policy["fastv:k=2,r=0.5"]["retained"] == 0.5
     for conv in ("prefill", "cached", "nocache"):
         assert by_policy["none"]["flops"][conv]["ratio"] == 1.0

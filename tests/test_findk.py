@@ -5,7 +5,7 @@ import torch
 
 from dyrate.api import build_prompt, generate
 from dyrate.errors import InputError, PolicySpecError
-from dyrate.findk import find_k
+from dyrate.measure.findk import find_k
 
 
 def test_findk_kl_and_choice(tiny, images, prompts):

@@ -1,4 +1,4 @@
-"""Analytic FLOPs (dyrate.flops) and the `dyrate flops` command. Expected values are computed here
+"""Analytic FLOPs (dyrate.measure.flops) and the `dyrate flops` command. Expected values are computed here
 with independent formulas (DESIGN.md section 4), not read back from the module."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from dyrate import cli
 from dyrate.errors import CheckpointError, InputError, PolicySpecError
-from dyrate.flops import (
+from dyrate.measure.flops import (
     CONVENTIONS,
     NAMED_SHAPES,
     DecoderShape,

@@ -22,7 +22,7 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 
 import dyrate  # noqa: E402
 from dyrate.errors import InputError  # noqa: E402
-from dyrate.lmms import TASKS_DIR, DyrateLlava, cut_at, policy_from_arg  # noqa: E402
+from dyrate.integrations.lmms import TASKS_DIR, DyrateLlava, cut_at, policy_from_arg  # noqa: E402
 
 POLICY = "fastv:k=2,r=0.5"
 QUESTIONS = ["what colour is the square?", "how many objects are there?", "where is the circle?"]
@@ -76,7 +76,7 @@ def test_policy_args(tiny_dir):
 def test_predictor_arg(tiny_dir, tmp_path):
     """predictor=FILE completes a dyrate / dyrate-rnn spec (the engine then checks the file)."""
     from dyrate.api import load
-    from dyrate.predictor import new_predictor, save_predictor
+    from dyrate.learn.predictors import new_predictor, save_predictor
 
     model, _ = load(tiny_dir)
     path = save_predictor(new_predictor("mlp", k=2, model=model), tmp_path / "mlp.safetensors")

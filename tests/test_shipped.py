@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from dyrate.testbed.shipped import ASSET_DIR, model_dir, predictor_path
+from dyrate.assets import ASSET_DIR, model_dir, predictor_path
 
 QUALITY = ASSET_DIR / "quality.json"
 
@@ -76,10 +76,10 @@ def test_shipped_predictors_match_the_model(shipped):
         policy.check_model(model)  # fingerprint: this exact model
         per_token = parse_policy(f"{name}:predictor={predictor_path(arch, 'hidden-prefill')},q=0.15")
         per_token.check_model(model)
-        assert per_token.model.config.features == ("shares", "hidden") and per_token.model.config.rank == "prefill"
+        assert per_token.net.config.features == ("shares", "hidden") and per_token.net.config.rank == "prefill"
     strict = parse_policy(f"dyrate-rnn:predictor={predictor_path('gru', 'hidden-prefill-kl0.001')},q=0.15")
     strict.check_model(model)
-    assert strict.model.config.features == ("shares", "hidden") and strict.model.config.rank == "prefill"
+    assert strict.net.config.features == ("shares", "hidden") and strict.net.config.rank == "prefill"
 
 
 def _scene_png():

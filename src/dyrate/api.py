@@ -13,17 +13,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from . import flops as flops_model
-from .adapters import adapter_for
-from .engine import IMG, PAD, Engine
+from .adapters import IMG, PAD, adapter_for
+from .adapters.inputs import IMAGE_PLACEHOLDER, build_prompt, encode, read_image
+from .engine import Engine, GenerationOptions, generate_tokens
 from .errors import CheckpointError, InputError
-from .generation import GenerationOptions, decode
-from .trace import row_trace
+from .measure import flops as flops_model
+from .measure.trace import row_trace
 from .policies import Policy, parse_policy
 
-IMAGE_PLACEHOLDER = "<image>"
+__all__ = ["IMAGE_PLACEHOLDER", "GenerationResult", "build_prompt", "generate", "load", "read_image"]
 
 
 def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None, device: str | None = None):
@@ -33,7 +33,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
     from transformers import AutoConfig, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
     if path is None:
-        from .testbed.shipped import model_dir
+        from .assets import model_dir
 
         path = model_dir()
     path = Path(path)
@@ -83,40 +83,6 @@ class GenerationResult:
         return asdict(self)
 
 
-def read_image(image) -> Image.Image:
-    """A path or a PIL image -> RGB PIL image; InputError naming the problem otherwise."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image)
-    if not path.is_file():
-        raise InputError(f"image {str(path)!r} does not exist")
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise InputError(f"image {str(path)!r} cannot be read ({err.__class__.__name__}: {err})") from None
-
-
-def build_prompt(processor, prompt: str, template: bool | None = None) -> str:
-    """A prompt holding the image placeholder once is used verbatim; one without it goes through the
-    processor's chat template (template=True forces the template, False forces verbatim)."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("empty prompt")
-    n = prompt.count(IMAGE_PLACEHOLDER)
-    if n > 1:
-        raise InputError(f"prompt has {n} image placeholders {IMAGE_PLACEHOLDER!r}; exactly one image per prompt is supported")
-    if template is False or (template is None and n == 1):
-        if n != 1:
-            raise InputError(f"a verbatim prompt must contain the image placeholder {IMAGE_PLACEHOLDER!r} exactly once")
-        return prompt
-    if n:
-        raise InputError(f"with the chat template, leave the image placeholder {IMAGE_PLACEHOLDER!r} out of the prompt")
-    if not getattr(processor, "chat_template", None):
-        raise InputError(f"prompt has no image placeholder {IMAGE_PLACEHOLDER!r} and the processor has no chat template")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
-
-
 def generate(
     model,
     processor,
@@ -143,14 +109,10 @@ def generate(
     pol = parse_policy(policy)
     adapter = adapter_for(model)
     engine = Engine(adapter, pol, mode)  # validates the policy against the model and the mode
-    pil = [read_image(img) for img in images]
-    texts = [build_prompt(processor, p, template) for p in prompts]
     device = next(model.parameters()).device
-    batch = processor(images=pil, text=texts, return_tensors="pt", padding=True, padding_side="left")
-    input_ids = batch["input_ids"].to(device)
-    attention_mask = batch["attention_mask"].to(device)
-    pixel_values = batch["pixel_values"].to(device)
-    n_prompt = int(attention_mask.sum(1).max())
+    batch = encode(processor, images, prompts, device, template)
+    input_ids = batch.input_ids
+    n_prompt = batch.n_prompt
     if n_prompt + opts.max_new_tokens > adapter.max_positions:
         raise InputError(
             f"prompt ({n_prompt} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds the model's "
@@ -158,7 +120,7 @@ def generate(
         )
     eos, pad = _special_ids(model, processor)
     with torch.inference_mode():
-        outputs, state = decode(engine, input_ids, attention_mask, pixel_values, opts, eos, pad)
+        outputs, state = generate_tokens(engine, input_ids, batch.attention_mask, batch.pixel_values, opts, eos, pad)
     shape = flops_model.DecoderShape.from_config(model.config)
     results = []
     for i, out in enumerate(outputs):

@@ -1,6 +1,10 @@
 """Model adapters: everything the engine needs to know about one VLM family, behind one small
 interface (`ModelAdapter`). The engine never touches model internals beyond it, so LLaVA-NeXT or
-Qwen2-VL adapters plug in without engine changes."""
+Qwen2-VL adapters plug in without engine changes.
+
+Token groups (docs/design.md, "Token groups"): every prompt position is `sys` (before the first image
+token), `img` (an image token) or `ins` (any other prompt token after the first image); generated
+tokens are `res`; left padding is `pad`. Adapters label prompts with these ids (`token_groups`)."""
 
 from __future__ import annotations
 
@@ -9,6 +13,9 @@ from typing import Protocol
 import torch
 
 from ..errors import CheckpointError
+
+SYS, IMG, INS, RES, PAD = 0, 1, 2, 3, 4
+GROUPS = ("sys", "img", "ins", "res")  # names of the ids 0..3 (pad has none: it is never attended)
 
 
 class ModelAdapter(Protocol):
@@ -31,7 +38,7 @@ class ModelAdapter(Protocol):
         """(B, q, d) last hidden states -> (B, q, V) float logits (final norm + head)."""
 
     def token_groups(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """(B, P) group id per prompt token: 0 sys, 1 img, 2 ins, 4 pad."""
+        """(B, P) group id per prompt token: SYS, IMG, INS, or PAD for left padding."""
 
 
 def adapter_for(model) -> ModelAdapter:
@@ -45,4 +52,4 @@ def adapter_for(model) -> ModelAdapter:
     raise CheckpointError(f"{type(model).__name__} is not supported yet (supported: LlavaForConditionalGeneration)")
 
 
-__all__ = ["ModelAdapter", "adapter_for"]
+__all__ = ["GROUPS", "IMG", "INS", "PAD", "RES", "SYS", "ModelAdapter", "adapter_for"]

@@ -7,7 +7,8 @@ import inspect
 
 import torch
 
-from ..attention import install
+from . import IMG, INS, PAD, SYS
+from .attention import install
 
 
 class LlavaAdapter:
@@ -52,6 +53,6 @@ class LlavaAdapter:
     def token_groups(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         is_img = input_ids == self.image_token_id  # (B, P)
         after_first_img = is_img.long().cumsum(1) > 0
-        groups = torch.where(after_first_img, 2, 0)  # ins after the first image token, sys before
-        groups = torch.where(is_img, 1, groups)
-        return groups.masked_fill(~valid, 4)
+        groups = torch.where(after_first_img, INS, SYS)  # ins after the first image token, sys before
+        groups = torch.where(is_img, IMG, groups)
+        return groups.masked_fill(~valid, PAD)

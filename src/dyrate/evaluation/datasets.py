@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import InputError
 
@@ -35,7 +35,7 @@ class Row:
     references: list[str] = field(default_factory=list)  # captions or VQA answers
     label: str | None = None  # POPE: 'yes' | 'no'
     type: str | None = None  # VQA question type, if the file has one
-    objects: set | None = None  # testbed captions: ground-truth objects of the scene
+    truth: Any = None  # captions: per-image ground truth from a `CaptionTruth` (e.g. the testbed scene's objects)
 
     @property
     def key(self) -> str:
@@ -55,7 +55,19 @@ class Dataset:
     bad: list[str]  # one message per skipped row
     n_read: int  # records looked at (rows + bad)
     limit_reached: bool = False
-    scenes: Path | None = None  # testbed scenes.jsonl used for object F1
+    truth_file: Path | None = None  # where the rows' `truth` came from (a `CaptionTruth`'s file)
+
+
+class CaptionTruth(Protocol):
+    """Ground truth about each image beside a caption file, and the metrics it gives: how data sets
+    with more than reference captions add their own scores without this package knowing them
+    (the testbed's scene objects and object F1: `dyrate.testbed.scoring.SceneObjects`)."""
+
+    def load(self, data_path: Path) -> tuple[Path, dict[str, Any]] | None:
+        """(file read, row key -> truth) for the caption file at `data_path`; None if it has none."""
+
+    def score(self, pairs: list[tuple[str, Any]]) -> dict[str, float]:
+        """Metrics over (predicted caption, truth) pairs."""
 
 
 def resolve_data_path(task: str, path: str | Path) -> Path:
@@ -75,9 +87,11 @@ def resolve_data_path(task: str, path: str | Path) -> Path:
 
 
 def load_dataset(
-    task: str, path: str | Path, images_dir: str | Path | None = None, limit: int | None = None
+    task: str, path: str | Path, images_dir: str | Path | None = None, limit: int | None = None,
+    truth: CaptionTruth | None = None,
 ) -> Dataset:
-    """Read a dataset file; the first `limit` usable rows (bad rows on the way are reported, not counted)."""
+    """Read a dataset file; the first `limit` usable rows (bad rows on the way are reported, not counted).
+    truth: where caption rows get their per-image ground truth (`Row.truth`), if anywhere."""
     if task not in TASKS:
         raise InputError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     if limit is not None and limit < 1:
@@ -90,11 +104,10 @@ def load_dataset(
     resolver = _ImageResolver(path.parent, images_dir)
     if task == "caption":
         records = _caption_records(path)
-        scenes_file = path.parent / "scenes.jsonl"
-        scenes = _read_scenes(scenes_file) if scenes_file.is_file() else None
+        truth_file, truths = (truth.load(path) if truth is not None else None) or (None, None)
     else:
         records = _jsonl_records(path)
-        scenes, scenes_file = None, None
+        truth_file, truths = None, None
     make = {"caption": _caption_row, "vqa": _vqa_row, "pope": _pope_row}[task]
     rows: list[Row] = []
     bad: list[str] = []
@@ -114,8 +127,8 @@ def load_dataset(
             row = make(record, resolver)
             if row.key in seen:
                 raise _RowError(f"duplicate id {row.id!r}")
-            if scenes is not None:
-                row.objects = scenes.get(row.key)
+            if truths is not None:
+                row.truth = truths.get(row.key)
         except _RowError as err:
             bad.append(f"{path.name}:{where}: {err}")
             continue
@@ -124,8 +137,8 @@ def load_dataset(
     if not rows:
         detail = f"; first problem: {bad[0]}" if bad else ""
         raise InputError(f"{path}: no usable {task} rows ({len(bad)} bad){detail}")
-    used_scenes = scenes_file if scenes is not None and any(r.objects is not None for r in rows) else None
-    return Dataset(task, path, rows, bad, n_read, limit_reached, used_scenes)
+    used = truth_file if truths is not None and any(r.truth is not None for r in rows) else None
+    return Dataset(task, path, rows, bad, n_read, limit_reached, used)
 
 
 class _RowError(Exception):
@@ -271,17 +284,24 @@ def _pope_row(record: dict, resolve) -> Row:
     return Row(row_id, resolve(_need(record, "image")), question=text, label=label)
 
 
-def _read_scenes(path: Path) -> dict[str, set] | None:
-    """image_id -> ground-truth object set, from a testbed scenes.jsonl (None if unreadable)."""
-    from ..testbed.language import scene_objects
-    from ..testbed.scenes import Scene
+def training_samples(folder: str | Path, n: int) -> list:
+    """Up to n rate-predictor training samples (`dyrate.learn.Sample`) from a `dyrate testbed data`-style
+    folder: vqa.jsonl, pope_*.jsonl and captions.json, whichever exist (questions first). The answer is
+    the first VQA answer, the POPE label or the first reference caption."""
+    from ..learn import Sample
 
-    out = {}
-    try:
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                d = json.loads(line)
-                out[row_key(d["image_id"])] = scene_objects(Scene.from_json(d))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"--data {str(folder)!r} is not a directory")
+    files = [("vqa", folder / "vqa.jsonl"), *[("pope", f) for f in sorted(folder.glob("pope_*.jsonl"))],
+             ("caption", folder / "captions.json")]
+    out: list = []
+    for task, path in files:
+        if not path.is_file() or len(out) >= n:
+            continue
+        for row in load_dataset(task, path, None, n - len(out)).rows:
+            answer = row.label if task == "pope" else row.references[0]
+            out.append(Sample(row.image, row.question or DEFAULT_CAPTION_PROMPT, answer))
+    if not out:
+        raise InputError(f"--data {str(folder)!r}: no vqa.jsonl, pope_*.jsonl or captions.json rows")
     return out

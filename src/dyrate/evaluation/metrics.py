@@ -286,18 +286,6 @@ def caption_metrics_many(
     return out
 
 
-def object_metrics(pairs: Iterable[tuple[str, set]]) -> dict[str, float]:
-    """Testbed captions: mean per-image precision / recall / F1 of the (size, colour, shape, position)
-    objects `dyrate.testbed.language.parse_caption` finds in the caption against the scene's objects."""
-    from ..testbed.language import object_f1, parse_caption
-
-    scores = [object_f1(parse_caption(text), gold) for text, gold in pairs]
-    if not scores:
-        return {}
-    n = len(scores)
-    return {f"object_{k}": sum(s[k] for s in scores) / n for k in ("precision", "recall", "f1")}
-
-
 def mean(values: Iterable[float]) -> float | None:
     values = list(values)
     return sum(values) / len(values) if values else None
@@ -309,7 +297,6 @@ __all__ = [
     "caption_metrics_many",
     "exact_match",
     "normalize_vqa_answer",
-    "object_metrics",
     "pope_answer",
     "pope_metrics",
     "ptb_tokenize",

@@ -48,7 +48,7 @@ def markdown(summary: dict) -> str:
         f"# dyrate eval: {task}",
         "",
         f"- model: `{summary['model']}`",
-        f"- data: `{summary['data']}`" + (f" (scene truth: `{summary['scenes']}`)" if summary.get("scenes") else ""),
+        f"- data: `{summary['data']}`" + (f" (per-image truth: `{summary['truth']}`)" if summary.get("truth") else ""),
         f"- rows: {rows['evaluated']} evaluated, {rows['skipped']} skipped as unusable"
         + (f" (limit {rows['limit']})" if rows.get("limit") else ""),
         f"- mode: {summary['mode']}, {_decoding(summary.get('decoding'))}, max {summary['max_new_tokens']} new tokens, "

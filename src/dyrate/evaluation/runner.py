@@ -22,7 +22,7 @@ from typing import Any, Callable, TextIO
 
 from ..errors import InputError
 from . import metrics as M
-from .datasets import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_NEW_TOKENS, TASKS, Dataset, Row, load_dataset
+from .datasets import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_NEW_TOKENS, TASKS, CaptionTruth, Dataset, Row, load_dataset
 from .store import SAMPLES, SampleWriter, merge_samples, read_all, shard_path, shard_rows
 
 CONVENTIONS = ("prefill", "cached", "nocache")
@@ -50,6 +50,7 @@ class EvalConfig:
     progress: bool = True
     model_name: str = ""  # recorded in run.json / summary (a path, or "builtin")
     decoding: dict[str, Any] = field(default_factory=dict)  # generate options (num_beams, do_sample, top_p, seed, ...); {} = greedy
+    truth: CaptionTruth | None = None  # captions: extra per-image truth and its metrics (e.g. testbed object F1)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -58,7 +59,7 @@ class EvalConfig:
             self.max_new_tokens = DEFAULT_MAX_NEW_TOKENS[self.task]
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        from ..generation import GenerationOptions
+        from ..engine import GenerationOptions
 
         allowed = set(GenerationOptions.__dataclass_fields__) - {"max_new_tokens"}  # that one is a field here
         unknown = set(self.decoding) - allowed
@@ -128,7 +129,7 @@ def parse_policies(specs: str | list[str]) -> list[str]:
 def prepare(config: EvalConfig) -> Plan:
     """Check the policies and read the dataset (no model). Raises InputError / PolicySpecError."""
     policies = parse_policies(config.policies)
-    dataset = load_dataset(config.task, config.data, config.images, config.limit)
+    dataset = load_dataset(config.task, config.data, config.images, config.limit, config.truth)
     return Plan(config, dataset, policies)
 
 
@@ -195,7 +196,8 @@ def run_eval(
     sys.stderr at call time; None: the log file only).
     on_batch(batch_index, pairs_done_so_far) is called after each batch is flushed (test hook).
     Returns the summary dict on the main process, None on the others."""
-    from ..api import generate, read_image
+    from ..adapters.inputs import read_image
+    from ..api import generate
     from ..errors import DyrateError
 
     config = plan.config
@@ -278,7 +280,7 @@ def run_eval(
 
 def _warm_up(generate, model, processor, row: Row, config: EvalConfig, error_type) -> None:
     """One short untimed call, so the first batch's latency is not the one-off start-up cost."""
-    from ..api import read_image
+    from ..adapters.inputs import read_image
 
     try:
         generate(model, processor, [read_image(row.image)], [config.prompt_for(row)], max_new_tokens=1)
@@ -361,7 +363,7 @@ def summarize(plan: Plan, samples: list[dict] | dict) -> dict:
         counts[p] = {"scored": len(ok), "errors": errors, "missing": missing, "skipped": len(ds.bad)}
 
     notes: list[str] = []
-    quality = _quality(config.task, per_policy, notes)
+    quality = _quality(config.task, per_policy, notes, config.truth)
     baseline = next((p for p in plan.policies if p.split(":")[0] == "none"), None)
     policies = []
     for p in plan.policies:
@@ -406,7 +408,7 @@ def summarize(plan: Plan, samples: list[dict] | dict) -> dict:
         "max_new_tokens": config.max_new_tokens,
         "prompt": config.prompt if config.task == "caption" else None,
         "suffix": config.suffix if config.task != "caption" else None,
-        "scenes": None if ds.scenes is None else str(ds.scenes),
+        "truth": None if ds.truth_file is None else str(ds.truth_file),
         "rows": {"evaluated": len(ds.rows), "skipped": len(ds.bad), "read": ds.n_read, "limit": config.limit},
         "primary_metric": PRIMARY_METRIC[config.task],
         "baseline": baseline,
@@ -416,7 +418,8 @@ def summarize(plan: Plan, samples: list[dict] | dict) -> dict:
     }
 
 
-def _quality(task: str, per_policy: dict[str, list[tuple[Row, dict]]], notes: list[str]) -> dict[str, dict]:
+def _quality(task: str, per_policy: dict[str, list[tuple[Row, dict]]], notes: list[str],
+             truth: CaptionTruth | None = None) -> dict[str, dict]:
     out: dict[str, dict] = {p: {} for p in per_policy}
     if task == "caption":
         refs = {}
@@ -431,9 +434,9 @@ def _quality(task: str, per_policy: dict[str, list[tuple[Row, dict]]], notes: li
             scores = {}
         for p, ok in per_policy.items():
             out[p].update(scores.get(p, {}))
-            with_objects = [(s["prediction"], row.objects) for row, s in ok if row.objects is not None]
-            if with_objects:
-                out[p].update(M.object_metrics(with_objects))
+            with_truth = [(s["prediction"], row.truth) for row, s in ok if row.truth is not None]
+            if with_truth and truth is not None:
+                out[p].update(truth.score(with_truth))
     elif task == "vqa":
         for p, ok in per_policy.items():
             if ok:

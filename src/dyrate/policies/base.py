@@ -14,25 +14,13 @@ as first dimension, so the engine can reorder them for beam search).
 from __future__ import annotations
 
 import abc
-import math
 from dataclasses import dataclass
 
 import torch
 
+from ..adapters import GROUPS
 from ..errors import PolicySpecError
-
-GROUPS = ("sys", "img", "ins", "res")
-
-
-def keep_count(rate: float, n_img: int) -> int:
-    """Image tokens kept at reduction rate `rate`: ceil((1 - rate) * n_img), robust to float noise."""
-    return int(math.ceil(round((1.0 - rate) * n_img, 6)))
-
-
-def keep_counts(rate: float | torch.Tensor, n_img: torch.Tensor) -> torch.Tensor:
-    """`keep_count` for a batch: rate scalar or (B,), n_img (B,) -> (B,) long, on n_img's device."""
-    kept = ((1.0 - torch.as_tensor(rate, dtype=torch.float64, device=n_img.device)) * n_img.double())
-    return kept.round(decimals=6).ceil().long()
+from ..rates import keep_count, keep_counts
 
 
 def check_layer(k: int, name: str = "k") -> int:

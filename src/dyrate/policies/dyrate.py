@@ -6,9 +6,9 @@ probability reaches Q, a knob between quality and cost that needs no retraining.
 `dyrate:k=K,predictor=FILE` uses an MLP on the current share vector; `dyrate-rnn` (dyrate_rnn.py)
 a GRU over the last N share vectors. A predictor file with `decide: prefill` (our extension) picks
 one rate per prompt at prefill and keeps it: no probe at decode steps, as FastV. Without
-predictor=, the predictor shipped for the built-in testbed model is used (`dyrate.testbed.shipped`).
+predictor=, the predictor shipped for the built-in testbed model is used (`dyrate.assets`).
 
-The predictor file (see `dyrate.predictor`) is read when the policy is built. Checks: its arch, its
+The predictor file (see `dyrate.learn.predictors`) is read when the policy is built. Checks: its arch, its
 probe layer K (k= may be left out: the predictor's own K is used), `validate(n_layers)` against the
 decoder depth it was trained for, and the full model fingerprint (decoder shape and image-token
 count) through `check_model`, which the engine calls with the model before generating.
@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..assets import predictor_path
 from ..errors import PolicySpecError
+from ..learn.predictors import RatePredictor, check_predictor, feature_vector, load_predictor
 from .base import Policy, Probe, check_layer, keep_counts
 
 
@@ -29,34 +31,30 @@ class DyRate(Policy):
     predictor: str = ""
     k: int | None = None
     q: float | None = None  # None: argmax bin; else the q-quantile bin of the predicted distribution
-    model: object = field(default=None, compare=False, repr=False)  # the loaded RatePredictor
+    net: object = field(default=None, compare=False, repr=False)  # the loaded RatePredictor
     PARAMS = ("k", "predictor", "q")
     name = "dyrate"
     arch = "mlp"
 
     def __post_init__(self):
-        from ..predictor import RatePredictor, check_predictor, load_predictor
-
-        if self.model is None:
+        if self.net is None:
             if not self.predictor:  # the predictor shipped for the built-in testbed model
-                from ..testbed.shipped import predictor_path
-
                 object.__setattr__(self, "predictor", str(predictor_path(self.arch)))
-            object.__setattr__(self, "model", load_predictor(self.predictor))
-        if not isinstance(self.model, RatePredictor):
-            raise PolicySpecError(f"{self.name}: model must be a RatePredictor")
-        if self.model.config.arch != self.arch:
+            object.__setattr__(self, "net", load_predictor(self.predictor))
+        if not isinstance(self.net, RatePredictor):
+            raise PolicySpecError(f"{self.name}: net must be a RatePredictor")
+        if self.net.config.arch != self.arch:
             raise PolicySpecError(
-                f"{self.name}: predictor {self.predictor or '(given)'} is a {self.model.config.arch!r} predictor; "
-                f"use {'dyrate' if self.model.config.arch == 'mlp' else 'dyrate-rnn'}"
+                f"{self.name}: predictor {self.predictor or '(given)'} is a {self.net.config.arch!r} predictor; "
+                f"use {'dyrate' if self.net.config.arch == 'mlp' else 'dyrate-rnn'}"
             )
         if self.k is None:
-            object.__setattr__(self, "k", self.model.config.k)
+            object.__setattr__(self, "k", self.net.config.k)
         if self.q is not None and not 0.0 < self.q < 1.0:
             raise PolicySpecError(f"{self.name}: q={self.q} must lie in (0, 1) (leave it out for the argmax bin)")
         check_layer(self.k)
-        check_predictor(None, self.model, k=self.k, name=f"predictor {self.predictor or '(given)'}")
-        self.model.eval()
+        check_predictor(None, self.net, k=self.k, name=f"predictor {self.predictor or '(given)'}")
+        self.net.eval()
 
     @property
     def stages(self) -> tuple[int, ...]:
@@ -64,15 +62,15 @@ class DyRate(Policy):
 
     @property
     def decode_probe(self) -> bool:  # type: ignore[override]
-        return self.model.config.decide == "step"  # "prefill": the prefill's rate holds for the answer
+        return self.net.config.decide == "step"  # "prefill": the prefill's rate holds for the answer
 
     @property
     def bins(self) -> int:
-        return self.model.config.bins
+        return self.net.config.bins
 
     def validate(self, n_layers: int) -> None:
         super().validate(n_layers)
-        fp = self.model.config.fingerprint or {}
+        fp = self.net.config.fingerprint or {}
         if fp.get("num_hidden_layers") not in (None, n_layers):
             raise PolicySpecError(
                 f"{self.spec()}: the predictor was trained for a {fp['num_hidden_layers']}-layer decoder, "
@@ -80,15 +78,13 @@ class DyRate(Policy):
             )
 
     def check_model(self, model) -> None:
-        from ..predictor import check_predictor
-
-        check_predictor(model, self.model, k=self.k, name=f"predictor {self.predictor or '(given)'}")
+        check_predictor(model, self.net, k=self.k, name=f"predictor {self.predictor or '(given)'}")
 
     def init_state(self, batch: int, device) -> dict[str, torch.Tensor]:
-        return self.model.init_state(batch, device)
+        return self.net.init_state(batch, device)
 
     def _check_n_img(self, probe: Probe) -> None:
-        fp = self.model.config.fingerprint or {}
+        fp = self.net.config.fingerprint or {}
         want = fp.get("n_img")
         if want is not None and bool((probe.n_img != want).any()):
             raise PolicySpecError(
@@ -97,11 +93,9 @@ class DyRate(Policy):
             )
 
     def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
-        from ..predictor import feature_vector
-
         if probe.step == 0:
             self._check_n_img(probe)
-        net = self.model
+        net = self.net
         param = next(net.parameters())
         if param.device != probe.shares.device:
             net.to(probe.shares.device)
@@ -120,7 +114,7 @@ class DyRate(Policy):
         """The probe's attention (rank "step"), or the prefill's for every step (rank "prefill"):
         the slots the prefill probe saw keep their indices (the probe layer's segment is never
         compacted), later slots are never image tokens."""
-        if self.model.config.rank == "step":
+        if self.net.config.rank == "step":
             return probe.img_scores
         if probe.step == 0:
             state["prefill_scores"] = probe.img_scores  # (B, S_prefill)

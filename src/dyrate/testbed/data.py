@@ -168,3 +168,15 @@ def parse_task_weights(text: str) -> dict[str, float]:
         raise InputError(f"--task-weights {text!r}: give a weight >= 0 for each of {', '.join(TASK_WEIGHTS)} "
                          f"(optionally {', '.join(OPTIONAL_TASKS)}), e.g. caption=0.2,qa=0.5,pope=0.3")
     return {t: out[t] for t in (*TASK_WEIGHTS, *OPTIONAL_TASKS) if t in out}
+
+
+def predictor_samples(image_size: int, n: int, seed: int = 0) -> list:
+    """n procedurally generated (image, question, answer) training samples for a rate predictor, at
+    `image_size`, from a seed range the VLM's training does not use."""
+    from ..learn import Sample
+
+    out = []
+    for i in range(n):
+        ex = sample_example(train_scene_seed(100 + seed, 0, 1, i))
+        out.append(Sample(render(ex.scene, image_size), ex.question, ex.answer))
+    return out

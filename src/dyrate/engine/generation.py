@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from .engine import Engine
-from .errors import InputError
+from ..errors import InputError
+from .loop import Engine
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class RowOutput:
     steps: list[int]  # for each new token, the engine row that produced it (records index by step)
 
 
-def decode(engine: Engine, input_ids, attention_mask, pixel_values, opts: GenerationOptions, eos: list[int], pad: int):
+def generate_tokens(engine: Engine, input_ids, attention_mask, pixel_values, opts: GenerationOptions, eos: list[int], pad: int):
     """Generate for a batch. Returns (outputs per input row, final DecodeState)."""
     if opts.seed is not None:
         torch.manual_seed(opts.seed)

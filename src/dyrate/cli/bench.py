@@ -19,7 +19,7 @@ DEFAULT_POLICIES = "none;fastv:k=2,r=0.5;fastv:k=2,r=0.75;vtw:k=2"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..bench import RANDOM_CONFIGS
+    from ..measure.bench import RANDOM_CONFIGS
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     src = p.add_mutually_exclusive_group()
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from ..bench import bench, conditions, random_llava
+    from ..measure.bench import bench, conditions, random_llava
     from ..errors import InputError
     from ..policies import parse_policy
 

@@ -1,4 +1,4 @@
-"""The differentiable rate mask of training (DESIGN.md section 2).
+"""The differentiable rate mask of training (docs/design.md, "Training").
 
 Mask bank: `M[i, rank] = 1 if rank < (1 - i/B) * N_img else 0`, one row per rate bin i (bin 0 keeps
 every image token). With bin probabilities p (from the Gumbel-Softmax), image token j of rank
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .policies.base import keep_counts
+from ..rates import keep_counts
 
 
 def mask_bank(bins: int, n_img: int, device=None) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Analytic FLOPs of a VLM decoder whose layers see different numbers of image tokens.
 
-Conventions (DESIGN.md section 4; name the convention beside every figure you report):
+Conventions (docs/design.md, "FLOPs conventions"; name the convention beside every figure you report):
 
 * Per decoder layer, hidden size d, FFN width m, with q new tokens attending to n keys:
   linear part ``q * (4 d^2 + 2 d m)`` (the ``"2dm"`` variant, FastV's paper; ``"3dm"`` counts the
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError, InputError, PolicySpecError
+from ..errors import CheckpointError, InputError, PolicySpecError
 
 CONVENTIONS = ("prefill", "cached", "nocache")
 FFN_VARIANTS = ("2dm", "3dm")
@@ -317,7 +317,7 @@ def policy_flops(
     layers k..L-1) and ``kv_cache_bytes`` / ``full_kv_cache_bytes`` (fp16, batch 1, the cache at the
     end of the generation: prompt plus ``new_tokens - 1`` tokens).
     """
-    from .policies import parse_policy
+    from ..policies import parse_policy
 
     policy = parse_policy(policy_spec)
     policy.validate(shape.n_layers)

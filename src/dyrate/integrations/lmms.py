@@ -28,17 +28,17 @@ try:
     from lmms_eval.api.instance import TokenCounts
     from lmms_eval.api.model import lmms
 except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError(f"dyrate.lmms needs lmms-eval: pip install 'dyrate[lmms]' ({err})") from err
+    raise ImportError(f"dyrate.integrations.lmms needs lmms-eval: pip install 'dyrate[lmms]' ({err})") from err
 
 from loguru import logger
 
-from . import flops as flops_model
-from .adapters import adapter_for
-from .api import IMAGE_PLACEHOLDER, build_prompt, generate, load, read_image
-from .engine import Engine
-from .errors import InputError
-from .generation import forced_logprobs
-from .policies import parse_policy
+from ..adapters import adapter_for
+from ..adapters.inputs import IMAGE_PLACEHOLDER, build_prompt, encode, read_image
+from ..api import generate, load
+from ..engine import Engine, forced_logprobs
+from ..errors import InputError
+from ..measure import flops as flops_model
+from ..policies import parse_policy
 
 MODEL_ID = "dyrate_llava"
 TASKS_DIR = Path(__file__).with_name("lmms_tasks")  # pass as --include_path for the testbed tasks
@@ -49,7 +49,7 @@ def manifests():
     """Entry point of the `lmms_eval.models` group: the models this package adds to lmms-eval."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id=MODEL_ID, simple_class_path="dyrate.lmms.DyrateLlava")]
+    return [ModelManifest(model_id=MODEL_ID, simple_class_path="dyrate.integrations.lmms.DyrateLlava")]
 
 
 def policy_from_arg(value: Any) -> str:

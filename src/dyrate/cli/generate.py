@@ -41,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import generate, read_image
-    from ..generation import GenerationOptions
+    from ..adapters.inputs import read_image
+    from ..api import generate
+    from ..engine import GenerationOptions
     from ..policies import parse_policy
     from .common import load_model
 

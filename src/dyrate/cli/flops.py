@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..flops import CONVENTIONS, FFN_VARIANTS, NAMED_SHAPES, policy_flops, resolve_shape
+from ..measure.flops import CONVENTIONS, FFN_VARIANTS, NAMED_SHAPES, policy_flops, resolve_shape
 
 EPILOG = """examples:
   dyrate flops --config llava-1.5-7b --policy fastv:k=2,r=0.5 --text-tokens 40

@@ -90,6 +90,7 @@ def _state(device: str | None):
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import EvalConfig, prepare, run_eval
+    from ..testbed.scoring import SceneObjects
     from .common import load_model
 
     from ..errors import InputError
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         model_name=str(Path(args.model).resolve()) if args.model else "builtin",
         decoding=decoding,
+        truth=SceneObjects(),  # testbed captions (scenes.jsonl beside the file): object F1 too
     )
     plan = prepare(config)  # data and policies are checked before the model loads
     device = args.device

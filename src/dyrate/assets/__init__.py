@@ -1,4 +1,5 @@
-"""The testbed model and predictors that ship inside the package (the default of every command).
+"""The files that ship inside the package: the built-in testbed model and its DyRate predictors (the
+default of every command and of `dyrate.load()`). This is the one place that knows where they lie.
 
 Layout, under `dyrate/assets/testbed/`: an ordinary HF checkpoint directory (config, fp16
 safetensors, tokenizer, processor, `testbed.json`), `quality.json` (the held-out figures recorded
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "testbed"
+ASSET_DIR = Path(__file__).resolve().parent / "testbed"
 
 
 def model_dir() -> Path:

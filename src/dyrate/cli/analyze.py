@@ -54,7 +54,7 @@ def _layers(text: str | None, n_layers: int) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..analyze import attention_shares, plot_policy, plot_shares, policy_trace
+    from ..evaluation.analyze import attention_shares, plot_policy, plot_shares, policy_trace
     from ..errors import InputError
     from ..evaluation.datasets import load_dataset
     from .common import load_model

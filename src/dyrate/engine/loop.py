@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .adapters import ModelAdapter
-from .attention import ProbeRequest
-from .errors import InputError
-from .policies import Policy, Probe
+from ..adapters import IMG, PAD, RES, ModelAdapter
+from ..adapters.attention import ProbeRequest
+from ..errors import InputError
+from ..policies import Policy, Probe
 
-SYS, IMG, INS, RES, PAD = 0, 1, 2, 3, 4
 MODES = ("evict", "mask")
 
 

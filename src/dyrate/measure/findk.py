@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapters import adapter_for
-from .api import build_prompt, read_image
-from .engine import Engine
-from .generation import forced_logprobs
-from .errors import InputError
-from .policies import parse_policy
+from ..adapters import adapter_for
+from ..adapters.inputs import encode
+from ..engine import Engine, GenerationOptions, forced_logprobs, generate_tokens
+from ..errors import InputError
+from ..policies import parse_policy
 
 
 @dataclass
@@ -48,20 +47,15 @@ def find_k(model, processor, images, prompts, eta: float = 0.003, max_new_tokens
     sums = {k: 0.0 for k in layers}
     n_tokens = 0
     eos = model.generation_config.eos_token_id
-    eos = set([eos] if isinstance(eos, int) else (eos or []))
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    greedy = GenerationOptions(max_new_tokens=max_new_tokens)
     for image, prompt in zip(images, prompts):
-        batch = processor(images=[read_image(image)], text=[build_prompt(processor, prompt)], return_tensors="pt")
-        ids, mask, pixels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values"))
+        batch = encode(processor, [image], [prompt], device)
+        ids, mask, pixels = batch.input_ids, batch.attention_mask, batch.pixel_values
         # the unpruned model's greedy answer (up to EOS), then its distributions along it
-        answer = []
         with torch.inference_mode():
-            logits, state = full.prefill(ids, mask, pixels)
-            for step in range(max_new_tokens):
-                tok = logits.argmax(-1)
-                answer.append(int(tok))
-                if int(tok) in eos or step + 1 == max_new_tokens:
-                    break
-                logits = full.decode(state, tok)
+            [out], _ = generate_tokens(full, ids, mask, pixels, greedy, eos, pad=eos[0] if eos else 0)
+        answer = out.token_ids
         answer_t = torch.tensor(answer, device=device)
         with torch.inference_mode():
             ref = forced_logprobs(full, ids, mask, pixels, answer_t)  # (T, V)

@@ -7,7 +7,8 @@ import math
 import torch
 
 from . import flops as flops_model
-from .engine import Engine
+from ..adapters import GROUPS
+from ..engine import Engine
 
 
 def _row(value, row: int) -> list:
@@ -31,7 +32,7 @@ def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_te
         )
         trace.append({
             "step": t,
-            "shares": [None if math.isnan(v[0]) else dict(zip(("sys", "img", "ins", "res"), v)) for v in rec["shares"]],
+            "shares": [None if math.isnan(v[0]) else dict(zip(GROUPS, v)) for v in rec["shares"]],
             "rate": [None if math.isnan(v) else v for v in rec["rate"]],
             "kept": img_layers,  # image tokens attended by each decoder layer
             "flops": step_flops,

@@ -13,8 +13,8 @@ not the paper's: it tells the predictor *which* token it is about to predict (af
 model needs the image, after "at the" too, after "and" it does not), which the share vector alone
 does not (docs/dyrate.md).
 
-Ranking (`rank`): the image tokens a bin keeps are the top of each step's probe (`step`, DESIGN
-section 2) or of the prefill's probe, the last prompt token's, as FastV ranks (`prefill`, our
+Ranking (`rank`): the image tokens a bin keeps are the top of each step's probe (`step`, as in
+docs/design.md) or of the prefill's probe, the last prompt token's, as FastV ranks (`prefill`, our
 extension: with it only the count varies from step to step). Training and inference use the same.
 
 Decision (`decide`): a rate at every step (`step`, DyRate) or one rate per prompt, picked at prefill
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import CheckpointError, PolicySpecError
+from ..errors import CheckpointError, PolicySpecError
 
 ARCHS = ("mlp", "gru")
 EXTRA_FEATURES = ("step", "hidden")

@@ -19,10 +19,10 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from . import flops as flops_model
-from .adapters import adapter_for
-from .engine import Engine
-from .errors import InputError
-from .policies import parse_policy
+from ..adapters import adapter_for
+from ..engine import Engine
+from ..errors import InputError
+from ..policies import parse_policy
 from .trace import row_trace
 
 # Random-weight configs: (vision tower, decoder, vocab). The LLaVA-1.5 ones are shape-faithful

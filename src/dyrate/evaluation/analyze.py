@@ -18,9 +18,10 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .api import generate, read_image
-from .errors import InputError
-from .policies import GROUPS
+from ..adapters import GROUPS
+from ..adapters.inputs import read_image
+from ..api import generate
+from ..errors import InputError
 
 
 def attention_shares(
@@ -109,7 +110,7 @@ def policy_trace(model, processor, images: Sequence, prompts: Sequence[str], pol
     stage, its rate and the fraction of image tokens kept after the probe layer; and the first
     row token by token. Returns {"policy", "mode", "count", "rate", "kept", sys/img/ins/res: [...],
     "example": {"prompt", "tokens", "rate", "img"}, "texts"}."""
-    from .policies import parse_policy
+    from ..policies import parse_policy
 
     pol = parse_policy(policy)
     if not pol.stages:

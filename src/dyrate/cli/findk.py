@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import InputError
     from ..evaluation.datasets import load_dataset
-    from ..findk import find_k
+    from ..measure.findk import find_k
     from .common import load_model
 
     if args.limit < 1:

@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=32, help="hidden size of the predictor (default 32)")
     p.add_argument("--step-feature", action="store_true", help="also feed log(1 + decode step) to the predictor")
     p.add_argument("--rank", choices=("step", "prefill"), default="step",
-                   help="what ranks the image tokens a bin keeps: each step's probe (default, DESIGN) or the "
+                   help="what ranks the image tokens a bin keeps: each step's probe (default, docs/design.md) or the "
                         "prefill's, as FastV (our extension; stored in the file, used at inference)")
     p.add_argument("--decide", choices=("step", "prefill"), default="step",
                    help="a rate at every step (default, DyRate) or one rate per prompt, picked at prefill and kept "
@@ -75,7 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
-    from ..train_predictor import TrainConfig, folder_samples, testbed_samples, train
+    from ..evaluation.datasets import training_samples
+    from ..learn import TrainConfig, train
+    from ..testbed.data import predictor_samples
     from .common import load_model
 
     if args.samples < 1 or args.max_new_tokens < 1 or args.save_every < 1:
@@ -96,12 +98,12 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.k < n_layers:
         raise InputError(f"--k {args.k} must lie in 1..{n_layers - 1} for this {n_layers}-layer decoder")
     if args.testbed:
-        images, prompts, answers = testbed_samples(model, args.samples, args.seed)
+        samples = predictor_samples(model.config.vision_config.image_size, args.samples, args.seed)
     else:
-        images, prompts, answers = folder_samples(args.data, args.samples)
+        samples = training_samples(args.data, args.samples)
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None
-    summary = train(model, processor, images, prompts, cfg, args.out, max_new_tokens=args.max_new_tokens,
-                    save_every=args.save_every, progress=not args.no_progress, log=log, answers=answers)
+    summary = train(model, processor, samples, cfg, args.out, max_new_tokens=args.max_new_tokens,
+                    save_every=args.save_every, progress=not args.no_progress, log=log)
     if args.json:
         print(json.dumps(summary))
         return 0

@@ -1,4 +1,4 @@
-"""The `dyrate` command line. Each sub-command lives in its own module with
+"""The `dyrate` command line. Each sub-command lives in its own module of this package with
 `add_arguments(parser)` and `run(args) -> int`; this file only wires them up."""
 
 from __future__ import annotations
@@ -7,18 +7,18 @@ import argparse
 import importlib
 import sys
 
-from .errors import DyrateError
+from ..errors import DyrateError
 
 # name -> (module, one-line help). Modules are imported when the parser is built.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("dyrate.commands.generate", "generate text for an image with a pruning policy"),
-    "flops": ("dyrate.commands.flops", "FLOPs ratio of a policy under a named convention"),
-    "demo": ("dyrate.commands.demo", "run every policy on the built-in model and compare them"),
-    "bench": ("dyrate.commands.bench", "time, memory and FLOPs of every policy side by side"),
-    "findk": ("dyrate.commands.findk", "VTW's withdrawal layer: next-token KL per layer on a few samples"),
-    "eval": ("dyrate.commands.eval", "evaluate policies on caption / VQA / POPE data: quality, FLOPs, retained tokens"),
-    "analyze": ("dyrate.commands.analyze", "attention share of sys / img / ins / res against generation step, per layer (PNG + JSON)"),
-    "train-predictor": ("dyrate.commands.train_predictor", "train a DyRate rate predictor (MLP or GRU) on a frozen VLM"),
+    "generate": ("dyrate.cli.generate", "generate text for an image with a pruning policy"),
+    "flops": ("dyrate.cli.flops", "FLOPs ratio of a policy under a named convention"),
+    "demo": ("dyrate.cli.demo", "run every policy on the built-in model and compare them"),
+    "bench": ("dyrate.cli.bench", "time, memory and FLOPs of every policy side by side"),
+    "findk": ("dyrate.cli.findk", "VTW's withdrawal layer: next-token KL per layer on a few samples"),
+    "eval": ("dyrate.cli.eval", "evaluate policies on caption / VQA / POPE data: quality, FLOPs, retained tokens"),
+    "analyze": ("dyrate.cli.analyze", "attention share of sys / img / ins / res against generation step, per layer (PNG + JSON)"),
+    "train-predictor": ("dyrate.cli.train_predictor", "train a DyRate rate predictor (MLP or GRU) on a frozen VLM"),
     "testbed": ("dyrate.testbed.cli", "build the testbed: scene data, training and evaluation of the small LLaVA"),
 }
 

@@ -22,8 +22,8 @@ CAPTION_PROMPT = "describe the image."
 
 def default_policies() -> list[str]:
     """The baselines, plus DyRate with the shipped MLP predictor when this install has one."""
+    from ..assets import predictor_path
     from ..errors import CheckpointError
-    from ..testbed.shipped import predictor_path
 
     try:
         return [*BASELINES, f"dyrate:k=2,predictor={predictor_path('mlp')}"]

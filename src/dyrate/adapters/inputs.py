@@ -1,0 +1,77 @@
+"""User inputs -> what a model family's processor takes -> tensors on the model's device.
+
+Every caller (generation, findk, lmms, training) goes through `encode`, so prompts are built,
+batches padded and tensors moved one way everywhere."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InputError
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def read_image(image) -> Image.Image:
+    """A path or a PIL image -> RGB PIL image; InputError naming the problem otherwise."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image)
+    if not path.is_file():
+        raise InputError(f"image {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise InputError(f"image {str(path)!r} cannot be read ({err.__class__.__name__}: {err})") from None
+
+
+def build_prompt(processor, prompt: str, template: bool | None = None) -> str:
+    """A prompt holding the image placeholder once is used verbatim; one without it goes through the
+    processor's chat template (template=True forces the template, False forces verbatim)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("empty prompt")
+    n = prompt.count(IMAGE_PLACEHOLDER)
+    if n > 1:
+        raise InputError(f"prompt has {n} image placeholders {IMAGE_PLACEHOLDER!r}; exactly one image per prompt is supported")
+    if template is False or (template is None and n == 1):
+        if n != 1:
+            raise InputError(f"a verbatim prompt must contain the image placeholder {IMAGE_PLACEHOLDER!r} exactly once")
+        return prompt
+    if n:
+        raise InputError(f"with the chat template, leave the image placeholder {IMAGE_PLACEHOLDER!r} out of the prompt")
+    if not getattr(processor, "chat_template", None):
+        raise InputError(f"prompt has no image placeholder {IMAGE_PLACEHOLDER!r} and the processor has no chat template")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+@dataclass
+class Encoded:
+    """A processed batch on the model's device. input_ids, attention_mask: (B, P), left padded;
+    pixel_values: (B, 3, H, W)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+
+    @property
+    def n_prompt(self) -> int:
+        """The longest prompt of the batch in tokens (image tokens included)."""
+        return int(self.attention_mask.sum(1).max())
+
+
+def encode(processor, images: Sequence, prompts: Sequence[str], device, template: bool | None = None,
+           texts: Sequence[str] | None = None) -> Encoded:
+    """Read the images, build the prompts (`build_prompt`) and run the processor, left padded, onto
+    `device`. `texts`: prompts already built (verbatim, the image placeholder included)."""
+    pil = [read_image(img) for img in images]
+    if texts is None:
+        texts = [build_prompt(processor, p, template) for p in prompts]
+    batch = processor(images=pil, text=list(texts), return_tensors="pt", padding=True, padding_side="left")
+    return Encoded(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values")))
