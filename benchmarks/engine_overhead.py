@@ -13,14 +13,18 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from PIL import Image
 
 import dyrate
 from dyrate.api import build_prompt
-from tiny import tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tiny-model fixture lives with the tests
+from tiny import tiny_model  # noqa: E402
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ $DY testbed eval --model "$ASSETS" --n 300 --seed 1 --threads 2 --json "$OUT/eva
 $DY testbed eval --model "$ASSETS" --n 100 --seed 1 --threads 2 --blank --json "$OUT/blank.json"
 
 step "pruning realism (40 scenes)"
-$PY benchmarks/testbed_oracle_pruning.py --n 40 --threads 2 | tee "$OUT/oracle_pruning.txt"
+$PY research/testbed_oracle_pruning.py --n 40 --threads 2 | tee "$OUT/oracle_pruning.txt"
 
 step "attention shares figure"
 $DY analyze --data runs/heldout300 --limit 100 --out docs/img/testbed_shares.png

@@ -1,4 +1,4 @@
-"""benchmarks/fastv_prompt_oracle.py: the per-prompt FastV oracle read off an eval run's samples."""
+"""research/fastv_prompt_oracle.py: the per-prompt FastV oracle read off an eval run's samples."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import runpy
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "fastv_prompt_oracle.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "research" / "fastv_prompt_oracle.py"
 
 
 def test_prompt_oracle(tmp_path, monkeypatch, capsys):

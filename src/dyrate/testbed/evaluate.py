@@ -34,7 +34,7 @@ def generate(model, processor, images: list[Image.Image], questions: list[str], 
     return answers
 
 
-def _first_word(text: str) -> str:
+def first_word(text: str) -> str:
     words = [w for w in L.words_of(text) if w.isalpha() or "-" in w]
     return words[0] if words else ""
 
@@ -90,7 +90,7 @@ def evaluate(model, processor, seed: int = 1, n: int = 100, blank: bool = False,
     ans = generate(model, processor, [images[i] for i, _ in qs], [q.question for _, q in qs], max_new_tokens=4, batch_size=batch_size)
     per_type = defaultdict(list)
     for (_, q), a in zip(qs, ans):
-        per_type[q.type].append(_first_word(a) == q.answer)
+        per_type[q.type].append(first_word(a) == q.answer)
     results["qa"] = {t: sum(v) / len(v) for t, v in sorted(per_type.items())}
     results["qa"]["all"] = sum(sum(v) for v in per_type.values()) / len(qs)
 
@@ -99,7 +99,7 @@ def evaluate(model, processor, seed: int = 1, n: int = 100, blank: bool = False,
     for split in L.POPE_SPLITS:
         items = [(i, q, label) for i, s in enumerate(scenes) for q, label in L.pope_questions(s, split)]
         ans = generate(model, processor, [images[i] for i, _, _ in items], [q for _, q, _ in items], max_new_tokens=2, batch_size=batch_size)
-        pred = [_first_word(a) == "yes" for a in ans]
+        pred = [first_word(a) == "yes" for a in ans]
         gold = [label == "yes" for _, _, label in items]
         tp = sum(p and g for p, g in zip(pred, gold))
         prec = tp / sum(pred) if sum(pred) else 0.0

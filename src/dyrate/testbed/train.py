@@ -377,7 +377,7 @@ def attention_supervision_loss(lm, layer_inputs, batch: dict, layers, image_toke
     over n + 1 groups; the object's patches pool their mass), so the share left on bos, 1/(n+1),
     says n. Returns (loss, mean mass on the target groups). Training-only: it teaches the decoder
     to *look up* an object by its description, which answer-only training did not find (the lookup
-    probe, benchmarks/testbed_lookup_probe.py)."""
+    probe, research/testbed_lookup_probe.py)."""
     rows = batch["q_rows"]
     is_image = batch["input_ids"][rows] == image_token_id  # (N, T)
     none = ~batch["q_mask"].any(-1)  # (N,) questions with no object to look at

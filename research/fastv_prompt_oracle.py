@@ -4,7 +4,7 @@ of the run gives exactly the unpruned answer (`r = 0` when even the smallest cha
 per task file, the mean image tokens such a per-prompt oracle keeps and the histogram of its rates,
 and for captions the same grouped by the scene's object count (from `scenes.jsonl` next to the data).
 
-    python benchmarks/fastv_prompt_oracle.py --run runs/s6/val --data runs/val100 [--k 2]
+    python research/fastv_prompt_oracle.py --run runs/s6/val --data runs/val100 [--k 2]
 
 A perfect one-rate-per-prompt predictor (`dyrate --decide prefill`) would reach these figures with
 every answer unchanged; FastV's single rate has to keep enough for the hardest prompts.

@@ -4,7 +4,7 @@ uniformly at random, or with the ground-truth object patches first and the rest 
 filled with random / most-attended / ... background patches. Used in docs/testbed.md to explain
 why attention-ranked pruning lost to random pruning before image-token dropout was added.
 
-    python benchmarks/testbed_oracle_pruning.py --model runs/testbed [--n 40] [--k 2]
+    python research/testbed_oracle_pruning.py --model runs/testbed [--n 40] [--k 2]
 """
 
 from __future__ import annotations

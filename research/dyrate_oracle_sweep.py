@@ -1,7 +1,7 @@
 """Per-step oracle labels and a sweep of predictors trained on them, from one preparation.
 
 The oracle bin of a response step is the most pruning (mask mode, hard bins) whose next-token KL
-to the unpruned model stays <= D (`dyrate.train_predictor.oracle_from_kls`). Computing the per-bin
+to the unpruned model stays <= D (`dyrate.learn.oracle.oracle_from_kls`). Computing the per-bin
 KLs is the expensive part (one teacher-forced pass per bin and sequence), so this script does it
 once and then trains one predictor per (KL threshold D, feature set, arch), each exactly as
 `dyrate train-predictor --objective oracle --oracle-kl D --lambda 0 [--hidden-feature] [--rank R]` would on
@@ -9,10 +9,10 @@ the same samples. Prints the oracle histogram per D and writes OUT/<arch>-<featu
 plus OUT/sweep.json (file names: <arch>-<features>-<rank>-kl<D>; with --decide prefill, one label and
 one rate per prompt: <arch>-<features>-<rank>-once-kl<D>).
 
-    python benchmarks/dyrate_oracle_sweep.py --out runs/sweep --samples 384 --kl 0.005,0.02 \\
+    python research/dyrate_oracle_sweep.py --out runs/sweep --samples 384 --kl 0.005,0.02 \\
         --features shares,shares+hidden --arch mlp [--rank prefill] [--model DIR] [--threads 2]
 
-Training scenes come from `testbed_samples` (a seed range the VLM and the held-out set never use).
+Training scenes come from `dyrate.testbed.data.predictor_samples` (a seed range the VLM and the held-out set never use).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import torch
 
 from dyrate.api import load
 from dyrate.learn.soft_mask import mask_bank
-from dyrate.train_predictor import TrainConfig, build_cache, label_oracle, testbed_samples, train
+from dyrate.learn import TrainConfig, build_cache, train
+from dyrate.learn.oracle import label_oracle
+from dyrate.testbed.data import predictor_samples
 
 
 def main() -> None:
@@ -55,7 +57,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, processor = load(args.model)
-    images, prompts, _ = testbed_samples(model, args.samples)
+    samples = predictor_samples(model.config.vision_config.image_size, args.samples)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -64,7 +66,7 @@ def main() -> None:
                 lam=0.0, objective="oracle", rank=args.rank, decide=args.decide)
     thresholds = [float(x) for x in args.kl.split(",")]
     t0 = time.time()
-    cache = build_cache(model, processor, images, prompts, TrainConfig(**base, oracle_kl=thresholds[0]),
+    cache = build_cache(model, processor, samples, TrainConfig(**base, oracle_kl=thresholds[0]),
                         args.max_new_tokens, log=log)
     report = {"samples": args.samples, "steps_total": sum(c.n_steps for c in cache),
               "prepare_s": round(time.time() - t0, 1), "runs": []}
@@ -80,7 +82,7 @@ def main() -> None:
                 path = out / f"{arch}-{feats.replace('+', '-')}-{args.rank}{once}-kl{d:g}.safetensors"
                 for stale in (path, path.with_name(path.stem + ".train-state.safetensors")):
                     stale.unlink(missing_ok=True)  # a fresh run, not a resume
-                summary = train(model, processor, images, prompts, cfg, path, progress=False, cache=cache)
+                summary = train(model, processor, samples, cfg, path, progress=False, cache=cache)
                 row = {"kl": d, "arch": arch, "features": list(features), "out": str(path),
                        "oracle_histogram": torch.bincount(labels, minlength=args.bins).tolist(),
                        "oracle_keep": round(float(keep_of_bin[labels].mean()), 4),

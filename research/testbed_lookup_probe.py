@@ -1,7 +1,7 @@
 """Why a testbed model fails short answers: three probes on validation scenes (seed 2, never the
 held-out seed 1).
 
-    python benchmarks/testbed_lookup_probe.py --model runs/tb-v9 [--n 150] [--threads 2]
+    python research/testbed_lookup_probe.py --model runs/tb-v9 [--n 150] [--threads 2]
 
 1. Accuracy by how the question names its object: by position ("what colour is the object at
    the left?") or by shape/colour ("what colour is the circle?", "where is the red star?"), split
@@ -33,7 +33,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from dyrate.testbed import language as L
 from dyrate.testbed.data import eval_scene_seed
-from dyrate.testbed.evaluate import _first_word, generate
+from dyrate.testbed.evaluate import first_word, generate
 from dyrate.testbed.processing import build_prompt, pixel_values
 from dyrate.testbed.scenes import (
     COLOUR_NAMES,
@@ -52,7 +52,7 @@ def lookup_accuracy(model, processor, scenes, images) -> dict:
     for (i, q), a in zip(items, answers):
         by = "position" if any(p in L.words_of(q.question) for p in L.POSITIONS) else "content"
         n = len(scenes[i].objects)
-        hits[f"{q.type} by {by}, {'1 object' if n == 1 else '2+ objects'}"].append(_first_word(a) == q.answer)
+        hits[f"{q.type} by {by}, {'1 object' if n == 1 else '2+ objects'}"].append(first_word(a) == q.answer)
     return {k: {"accuracy": round(sum(v) / len(v), 3), "n": len(v)} for k, v in sorted(hits.items())}
 
 
