@@ -46,7 +46,7 @@ def parse_policy(spec: str | Policy) -> Policy:
             raise PolicySpecError(f"{spec!r}: parameter {key.strip()!r} given twice")
         params[key.strip()] = value.strip()
     cls = REGISTRY[name]
-    allowed = getattr(cls, "PARAMS", None)
+    allowed = cls.params()
     if allowed is not None:
         unknown = set(params) - set(allowed)
         if unknown:

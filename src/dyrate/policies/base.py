@@ -14,6 +14,9 @@ as first dimension, so the engine can reorder them for beam search).
 from __future__ import annotations
 
 import abc
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -107,5 +110,30 @@ class Policy(abc.ABC):
         counts = [n_img] * n_layers
         return counts
 
+    # ---- parameters: the dataclass fields, declared once (a field with metadata {"spec": False} is
+    # not a parameter, e.g. an object handed in from Python)
+    @classmethod
+    def params(cls) -> tuple[str, ...] | None:
+        """The KEY names of the spec string, in order (None: any keys, the policy parses them itself)."""
+        if not dataclasses.is_dataclass(cls):
+            return ()  # a parameterless policy written as a plain class
+        return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.metadata.get("spec", True))
+
     def spec(self) -> str:
-        return self.name
+        """The canonical spec string: NAME[:KEY=VALUE,...], parameters left at None omitted."""
+        values = [(k, getattr(self, k)) for k in self.params() or ()]
+        items = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values if v is not None]
+        return self.name + (":" + ",".join(items) if items else "")
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "Policy":
+        """Build from a spec's KEY=VALUE strings, each converted to its field's type (int, float, str,
+        or X | None); missing keys take the field's default. ValueError on a value of the wrong type."""
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, text in params.items():
+            kind = hints[key]
+            if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            kwargs[key] = kind(text)  # int("2.5"), float("x"): ValueError, reported by parse_policy
+        return cls(**kwargs)

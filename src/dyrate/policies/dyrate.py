@@ -28,11 +28,10 @@ from .base import Policy, Probe, check_layer, keep_counts
 
 @dataclass(frozen=True)
 class DyRate(Policy):
-    predictor: str = ""
-    k: int | None = None
+    k: int | None = None  # None: the predictor's own K
+    predictor: str = ""  # a predictor file; "": the one shipped for the built-in model
     q: float | None = None  # None: argmax bin; else the q-quantile bin of the predicted distribution
-    net: object = field(default=None, compare=False, repr=False)  # the loaded RatePredictor
-    PARAMS = ("k", "predictor", "q")
+    net: object = field(default=None, compare=False, repr=False, metadata={"spec": False})  # a loaded RatePredictor
     name = "dyrate"
     arch = "mlp"
 
@@ -127,14 +126,3 @@ class DyRate(Policy):
 
     def static_image_tokens(self, n_img: int, n_layers: int) -> None:
         return None  # data-dependent
-
-    def spec(self) -> str:
-        q = "" if self.q is None else f",q={self.q:g}"
-        return f"{self.name}:k={self.k},predictor={self.predictor}{q}"
-
-    @classmethod
-    def from_params(cls, params: dict[str, str]):
-        k = params.get("k")
-        q = params.get("q")  # a non-number: parse_policy reports the ValueError
-        return cls(predictor=params.get("predictor", ""), k=int(k) if k is not None else None,
-                   q=float(q) if q is not None else None)

@@ -15,7 +15,6 @@ from .base import Policy, Probe, check_layer, check_rate, keep_count, keep_count
 class FixedRate(Policy):
     k: int = 2
     r: float = 0.5
-    PARAMS = ("k", "r")
     name = "fixed"
     decode_probe = True
 
@@ -34,10 +33,3 @@ class FixedRate(Policy):
 
     def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
         return [n_img] * self.k + [keep_count(self.r, n_img)] * (n_layers - self.k)
-
-    def spec(self) -> str:
-        return f"fixed:k={self.k},r={self.r:g}"
-
-    @classmethod
-    def from_params(cls, params: dict[str, str]) -> "FixedRate":
-        return cls(k=int(params.get("k", 2)), r=float(params.get("r", 0.5)))

@@ -13,7 +13,6 @@ from .base import Policy, Probe, check_layer
 @dataclass(frozen=True)
 class NoPruning(Policy):
     k: int | None = None
-    PARAMS = ("k",)
     name = "none"
 
     def __post_init__(self):
@@ -30,10 +29,3 @@ class NoPruning(Policy):
 
     def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
         return probe.n_img  # the engine does not modify it
-
-    def spec(self) -> str:
-        return "none" if self.k is None else f"none:k={self.k}"
-
-    @classmethod
-    def from_params(cls, params: dict[str, str]) -> "NoPruning":
-        return cls(k=int(params["k"]) if "k" in params else None)

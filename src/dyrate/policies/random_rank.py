@@ -19,17 +19,9 @@ from .fastv import FastV
 @dataclass(frozen=True)
 class RandomPruning(FastV):
     seed: int = 0
-    PARAMS = ("k", "r", "seed")
     name = "random"
 
     def scores(self, stage: int, probe: Probe, state) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed)
         draws = torch.rand(probe.img_scores.shape, generator=gen)  # (B, S), on CPU for determinism
         return draws.to(probe.img_scores.device)
-
-    def spec(self) -> str:
-        return f"random:k={self.k},r={self.r:g},seed={self.seed}"
-
-    @classmethod
-    def from_params(cls, params: dict[str, str]) -> "RandomPruning":
-        return cls(k=int(params.get("k", 2)), r=float(params.get("r", 0.5)), seed=int(params.get("seed", 0)))

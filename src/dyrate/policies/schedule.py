@@ -51,6 +51,10 @@ class DepthSchedule(Policy):
         return "schedule:" + ",".join(f"{k}={r:g}" for k, r in self.steps)
 
     @classmethod
+    def params(cls) -> None:
+        return None  # the keys are layers: LAYER=RATE pairs, parsed below
+
+    @classmethod
     def from_params(cls, params: dict[str, str]) -> "DepthSchedule":
         try:
             steps = tuple((int(k), float(v)) for k, v in params.items())

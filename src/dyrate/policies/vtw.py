@@ -13,7 +13,6 @@ from .base import Policy, Probe, check_layer
 @dataclass(frozen=True)
 class VTW(Policy):
     k: int = 16
-    PARAMS = ("k",)
     name = "vtw"
     decode_probe = False
 
@@ -31,10 +30,3 @@ class VTW(Policy):
 
     def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
         return [n_img] * self.k + [0] * (n_layers - self.k)
-
-    def spec(self) -> str:
-        return f"vtw:k={self.k}"
-
-    @classmethod
-    def from_params(cls, params: dict[str, str]) -> "VTW":
-        return cls(k=int(params.get("k", 16)))
