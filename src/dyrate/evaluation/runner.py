@@ -204,8 +204,8 @@ def run_eval(
     if log == "stderr":
         log = sys.stderr
     world = getattr(state, "num_processes", 1) if state is not None else 1
-    rank = getattr(state, "process_index", 0) if state is not None else 0
-    is_main = rank == 0
+    process = getattr(state, "process_index", 0) if state is not None else 0
+    is_main = process == 0
     if config.out.exists() and not config.out.is_dir():
         raise InputError(f"--out {str(config.out)!r} is a file, not a folder")
     config.out.mkdir(parents=True, exist_ok=True)
@@ -217,17 +217,17 @@ def run_eval(
 
     done = set(read_all(config.out))  # every process reads before anyone writes
     _barrier(state)
-    my_rows = shard_rows(plan.rows, rank, world)
+    my_rows = shard_rows(plan.rows, process, world)
     todo = [(row, [p for p in plan.policies if (row.key, p) not in done]) for row in my_rows]
     todo = [(row, pols) for row, pols in todo if pols]
     total = sum(len(p) for _, p in todo)
-    target = shard_path(config.out, rank) if world > 1 else config.out / SAMPLES
+    target = shard_path(config.out, process) if world > 1 else config.out / SAMPLES
 
     from tqdm import tqdm
 
     bar = tqdm(
         total=total,
-        desc=f"eval {config.task} [rank {rank}]" if world > 1 else f"eval {config.task}",
+        desc=f"eval {config.task} [process {process}]" if world > 1 else f"eval {config.task}",
         unit="gen",
         disable=not (config.progress and is_main) or total == 0,
         file=sys.stderr,

@@ -22,8 +22,9 @@ SAMPLES = "samples.jsonl"
 SHARD_GLOB = "samples.rank*.jsonl"
 
 
-def shard_path(out: Path, rank: int) -> Path:
-    return Path(out) / f"samples.rank{rank}.jsonl"
+def shard_path(out: Path, process: int) -> Path:
+    """Where process `process` of a data-parallel run appends (named after accelerate's process rank)."""
+    return Path(out) / f"samples.rank{process}.jsonl"
 
 
 def sample_key(sample: dict) -> tuple[str, str]:
@@ -48,7 +49,7 @@ def read_samples(path: Path) -> Iterator[dict]:
 
 
 def sample_files(out: Path) -> list[Path]:
-    """samples.jsonl first, then the shard files in rank order."""
+    """samples.jsonl first, then the shard files in process order."""
     out = Path(out)
     shards = sorted(out.glob(SHARD_GLOB), key=lambda p: (len(p.name), p.name))
     return [out / SAMPLES, *shards]
@@ -129,9 +130,9 @@ def merge_samples(out: Path, order: Iterable[tuple[str, str]] = ()) -> list[dict
     out = Path(out)
     files = sample_files(out)
     found = read_all(out)
-    rank = {pair: i for i, pair in enumerate(order)}
+    position = {pair: i for i, pair in enumerate(order)}
     found_order = {pair: i for i, pair in enumerate(found)}
-    merged = sorted(found.values(), key=lambda s: (rank.get(sample_key(s), len(rank)), found_order[sample_key(s)]))
+    merged = sorted(found.values(), key=lambda s: (position.get(sample_key(s), len(position)), found_order[sample_key(s)]))
     tmp = out / (SAMPLES + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for s in merged:
@@ -144,8 +145,8 @@ def merge_samples(out: Path, order: Iterable[tuple[str, str]] = ()) -> list[dict
     return merged
 
 
-def shard_rows(items: list[Any], rank: int, world_size: int) -> list[Any]:
-    """The items process `rank` of `world_size` handles: every world_size-th, starting at rank."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad rank {rank} of {world_size}")
-    return items[rank::world_size]
+def shard_rows(items: list[Any], process: int, world_size: int) -> list[Any]:
+    """The items process `process` of `world_size` handles: every world_size-th, starting at `process`."""
+    if world_size < 1 or not 0 <= process < world_size:
+        raise ValueError(f"bad process index {process} of {world_size}")
+    return items[process::world_size]
