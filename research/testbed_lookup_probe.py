@@ -42,7 +42,7 @@ from dyrate.testbed.scenes import (
     render,
     sample_scene,
 )
-from dyrate.testbed.train import patch_cells
+from dyrate.testbed.batches import patch_cells
 
 
 def lookup_accuracy(model, processor, scenes, images) -> dict:

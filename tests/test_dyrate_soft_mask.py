@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dyrate.policies.base import keep_count
+from dyrate.rates import keep_count
 from dyrate.learn.soft_mask import expected_keep, mask_bank, ranks, soft_mask
 
 

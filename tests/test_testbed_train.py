@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 from dyrate.errors import InputError
 from dyrate.testbed.configs import SPECS
 from dyrate.testbed.data import train_scene_seed
-from dyrate.testbed.train import BatchBuilder, TrainArgs, build_model, compute_loss, forward_logits, make_optimizer, train
+from dyrate.testbed.batches import BatchBuilder
+from dyrate.testbed.losses import compute_loss, forward_logits
+from dyrate.testbed.train import TrainArgs, build_model, make_optimizer, train
 
 torch.set_num_threads(1)
 
@@ -85,7 +87,7 @@ def test_a_few_steps_lower_the_loss():
 def test_location_loss_teaches_the_embeddings_where_they_are():
     """The location head's targets are the 3x3 cells of the patch grid, and a few steps lower the
     location loss (gradients reach the tower's position embeddings)."""
-    from dyrate.testbed.train import patch_cells
+    from dyrate.testbed.batches import patch_cells
 
     assert patch_cells(144).reshape(12, 12)[::4, ::4].tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     assert torch.bincount(patch_cells(144)).tolist() == [16] * 9
@@ -200,7 +202,7 @@ def test_lm_loss_is_mean_over_examples():
 def test_image_token_dropout_forward():
     """No hidden column: the layer-by-layer decoder equals the model's forward. Hidden columns
     change only the positions after them (causal), and the sampler is a function of (seed, step)."""
-    from dyrate.testbed.train import sample_dropout
+    from dyrate.testbed.batches import sample_dropout
 
     model, _, proc = build_model("tiny", 0)
     model.eval()
@@ -245,7 +247,7 @@ def test_image_token_dropout_forward():
 
 
 def test_init_from_earlier_run(tmp_path):
-    from dyrate.testbed.train import init_from
+    from dyrate.testbed.checkpoints import init_from
 
     train(tiny_args(tmp_path / "a"))
     model, aux, _ = build_model("tiny", 1)  # another seed: different weights before init
@@ -266,7 +268,7 @@ def test_init_from_exported_checkpoint(tmp_path):
 
     from transformers import LlavaForConditionalGeneration
 
-    from dyrate.testbed.train import init_from
+    from dyrate.testbed.checkpoints import init_from
 
     train(tiny_args(tmp_path / "a"))
     shutil.rmtree(tmp_path / "a" / "train_state")
@@ -309,7 +311,7 @@ def test_question_queries_point_at_the_named_objects():
 
 def test_supervised_attention_equals_eager_attention():
     """The recomputed head-0 row equals transformers' own eager attention probabilities."""
-    from dyrate.testbed.train import _forward, attention_supervision_loss, supervised_attention
+    from dyrate.testbed.losses import _forward, attention_supervision_loss, supervised_attention
 
     model, _, proc = build_model("tiny", 0)
     model.eval()
@@ -381,7 +383,7 @@ def test_bf16_default_follows_the_cpu():
 
 def test_question_targets_name_the_question_attributes():
     from dyrate.testbed.scenes import COLOUR_NAMES, POSITIONS, SHAPES, SIZES
-    from dyrate.testbed.train import question_targets
+    from dyrate.testbed.batches import question_targets
 
     def t(shape=None, colour=None, size=None, pos=None):
         return [0 if v is None else names.index(v) + 1 for v, names in ((shape, SHAPES), (colour, COLOUR_NAMES), (size, SIZES), (pos, POSITIONS))]
@@ -400,7 +402,7 @@ def test_query_aux_reads_the_question_off_its_last_prompt_token(tmp_path):
     batch = BatchBuilder(proc, "tiny", weights).build(seeds)
     from dyrate.testbed import language as L
     from dyrate.testbed.data import sample_example
-    from dyrate.testbed.train import question_targets
+    from dyrate.testbed.batches import question_targets
 
     turns = [(b, q) for b, s in enumerate(seeds) for q, _ in ((sample_example(s, weights).question, None), *sample_example(s, weights).more)
              if L.question_type(q) is not None]
@@ -416,7 +418,7 @@ def test_query_aux_reads_the_question_off_its_last_prompt_token(tmp_path):
 def test_salience_loss_equals_a_per_turn_reference_over_all_heads():
     """query_attention over all heads equals eager attention; the salience loss is -log of the
     head-averaged image attention's share on object patches, for every turn (captions too)."""
-    from dyrate.testbed.train import _forward, query_attention, salience_loss
+    from dyrate.testbed.losses import _forward, query_attention, salience_loss
 
     model, _, proc = build_model("tiny", 0)
     model.eval()

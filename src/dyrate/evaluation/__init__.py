@@ -10,7 +10,8 @@ See docs/eval.md.
 
 from .datasets import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_NEW_TOKENS, TASKS, CaptionTruth, Dataset, Row, load_dataset
 from .report import markdown, pareto_plot, write_reports
-from .runner import EvalConfig, Plan, parse_policies, prepare, run_eval, summarize
+from .runner import EvalConfig, Plan, parse_policies, prepare, run_eval
+from .score import summarize
 from .store import merge_samples, read_all, read_samples, shard_path, shard_rows
 
 __all__ = [

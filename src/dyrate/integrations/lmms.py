@@ -232,9 +232,7 @@ class DyrateLlava(lmms):
 
     def _prompt_tokens(self, images, prompts) -> int:
         """The longest prompt of a batch in tokens (image tokens included), as generate() will see it."""
-        texts = [build_prompt(self.processor, p, template=True) for p in prompts]
-        batch = self.processor(images=images, text=texts, return_tensors="pt", padding=True)
-        return int(batch["attention_mask"].sum(1).max())
+        return encode(self.processor, images, prompts, "cpu", template=True).n_prompt
 
     def generate_until(self, requests) -> list:
         args = [req.args for req in requests]
@@ -308,22 +306,20 @@ class DyrateLlava(lmms):
     @torch.inference_mode()
     def _continuation_logprob(self, image, context: str, continuation: str) -> tuple[float, bool, int]:
         prompt = build_prompt(self.processor, context, template=True)
-        ctx = self.processor(images=[image], text=[prompt], return_tensors="pt")
-        full = self.processor(images=[image], text=[prompt + continuation], return_tensors="pt")
-        ctx_ids, full_ids = ctx["input_ids"][0], full["input_ids"][0]
+        ctx = encode(self.processor, [image], [context], self._device, texts=[prompt])
+        full = encode(self.processor, [image], [context], self._device, texts=[prompt + continuation])
+        ctx_ids, full_ids = ctx.input_ids[0], full.input_ids[0]
         # tokens shared with the context's tokenization are context; the rest is the continuation
         n = min(len(ctx_ids), len(full_ids))
         common = int((ctx_ids[:n] != full_ids[:n]).nonzero()[0]) if bool((ctx_ids[:n] != full_ids[:n]).any()) else n
         common = max(common, 1)
-        cont = full_ids[common:].to(self._device)
+        cont = full_ids[common:]
         if len(cont) == 0:
             return 0.0, True, 0
         if common + len(cont) > self.adapter.max_positions:
             raise InputError(f"dyrate_llava: context + continuation exceed the model's {self.adapter.max_positions} positions")
-        ids = full_ids[None, :common].to(self._device)
-        mask = torch.ones_like(ids)
-        pixels = full["pixel_values"].to(self._device)
-        logp = forced_logprobs(self.engine, ids, mask, pixels, cont)  # (T, V)
+        ids = full_ids[None, :common]
+        logp = forced_logprobs(self.engine, ids, torch.ones_like(ids), full.pixel_values, cont)  # (T, V)
         total = float(logp.gather(1, cont[:, None]).sum())
         greedy = bool((logp.argmax(-1) == cont).all())
         return total, greedy, len(cont)

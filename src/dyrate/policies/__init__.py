@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..errors import PolicySpecError
-from .base import GROUPS, Policy, Probe, keep_count
+from .base import Policy, Probe
 from .dyrate import DyRate
 from .dyrate_rnn import DyRateRNN
 from .fastv import FastV
@@ -62,4 +62,4 @@ def parse_policy(spec: str | Policy) -> Policy:
         raise PolicySpecError(f"{spec!r}: bad parameter value ({err})") from None
 
 
-__all__ = ["GROUPS", "Policy", "Probe", "REGISTRY", "keep_count", "parse_policy"]
+__all__ = ["Policy", "Probe", "REGISTRY", "parse_policy"]

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..adapters import GROUPS
 from ..errors import PolicySpecError
-from ..rates import keep_count, keep_counts
 
 
 def check_layer(k: int, name: str = "k") -> int:

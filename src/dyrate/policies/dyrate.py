@@ -23,7 +23,8 @@ import torch
 from ..assets import predictor_path
 from ..errors import PolicySpecError
 from ..learn.predictors import RatePredictor, check_predictor, feature_vector, load_predictor
-from .base import Policy, Probe, check_layer, keep_counts
+from ..rates import keep_counts
+from .base import Policy, Probe, check_layer
 
 
 @dataclass(frozen=True)

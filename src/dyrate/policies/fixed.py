@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Policy, Probe, check_layer, check_rate, keep_count, keep_counts
+from ..rates import keep_count, keep_counts
+from .base import Policy, Probe, check_layer, check_rate
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PolicySpecError
-from .base import Policy, Probe, check_layer, check_rate, keep_count, keep_counts
+from ..rates import keep_count, keep_counts
+from .base import Policy, Probe, check_layer, check_rate
 
 
 @dataclass(frozen=True)
