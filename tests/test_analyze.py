@@ -64,7 +64,7 @@ def test_cli_writes_png_and_json(tmp_path, tiny_dir, images, capsys):
         (["--layers", "9"], "probe layer 9 is out of range"),
         (["--layers", "a,b"], "--layers 'a,b'"),
         (["--out", str(tmp_path / "x.pdf")], "expected a .png"),
-        (["--limit", "0"], "--limit must be >= 1"),
+        (["--limit", "0"], "--limit: must be >= 1"),
     ):
         args = ["analyze", "--model", str(tiny_dir), "--data", str(data), "--out", str(out), *bad]
         assert main(args) == 2

@@ -278,11 +278,11 @@ def test_cli_json(flops_cli, capsys, tmp_path):
         (["--config", "llava-9b", "--policy", "fastv:k=2,r=0.5", "--text-tokens", "40"], "llava-1.5-7b"),
         (["--config", "llava-1.5-7b", "--policy", "fastv:k=32,r=0.5", "--text-tokens", "40"], "32 layers"),
         (["--config", "llava-1.5-7b", "--policy", "fastv:k=2,r=1.0", "--text-tokens", "40"], "[0, 1)"),
-        (["--config", "llava-1.5-7b", "--policy", "fastv:k=2,r=0.5", "--text-tokens", "-5"], "text_tokens"),
+        (["--config", "llava-1.5-7b", "--policy", "fastv:k=2,r=0.5", "--text-tokens", "-5"], "--text-tokens"),
         (["--config", "llava-1.5-7b", "--policy", "none", "--text-tokens", "40", "--convention", "fast"], "convention"),
         (["--config", "llava-1.5-7b", "--policy", "none", "--text-tokens", "4", "--ffn", "2"], "FFN"),
         (["--config", "llava-1.5-7b", "--policy", "none", "--text-tokens", "4", "--new-tokens", "0",
-          "--convention", "cached"], "new_tokens"),
+          "--convention", "cached"], "--new-tokens"),
     ],
 )
 def test_cli_bad_input(flops_cli, capsys, extra, match):

@@ -30,6 +30,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
     """Load a local LLaVA checkpoint directory (config, safetensors weights, tokenizer, processor);
     no path: the testbed model shipped with dyrate. Weights are read from safetensors only; no
     remote code runs. Returns (model, processor)."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
     if path is None:
@@ -58,7 +59,7 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
             path, local_files_only=True, use_safetensors=True, dtype=dtype or "auto"
         )
         processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise CheckpointError(f"{path}: cannot load the checkpoint ({str(err).splitlines()[0]})") from None
     finally:
         if bar:

@@ -27,7 +27,10 @@ def read_image(image) -> Image.Image:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except Image.DecompressionBombError:
+        raise InputError(f"image {str(path)!r} is larger than PIL's decompression-bomb limit "
+                         f"({Image.MAX_IMAGE_PIXELS} pixels); resize it first") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise InputError(f"image {str(path)!r} cannot be read ({err.__class__.__name__}: {err})") from None
 
 
@@ -36,6 +39,10 @@ def build_prompt(processor, prompt: str, template: bool | None = None) -> str:
     processor's chat template (template=True forces the template, False forces verbatim)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("empty prompt")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (e.g. a Latin-1 shell argument)
+        raise InputError("prompt is not valid UTF-8 text") from None
     n = prompt.count(IMAGE_PLACEHOLDER)
     if n > 1:
         raise InputError(f"prompt has {n} image placeholders {IMAGE_PLACEHOLDER!r}; exactly one image per prompt is supported")

@@ -23,12 +23,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class ArgumentError(DyrateError):
+    """A command-line argument argparse refused (the message names the command)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a refused argument is one line on stderr (`dyrate CMD: error: ...`) and exit
+    code 2 through `main`, like every other refusal of the CLI; --help still shows the usage."""
+
+    def error(self, message: str):
+        raise ArgumentError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dyrate",
         description="Prune visual tokens inside a VLM decoder with a rate that adapts at every generated token.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
@@ -40,11 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except ArgumentError as err:
+        print(err, file=sys.stderr)
+        return 2
     try:
         return int(args._run(args) or 0)
     except DyrateError as err:
         print(f"dyrate {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the file system refused (permission, a file where a folder should be, disk full)
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"dyrate {args.command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"dyrate {args.command}: error: out of memory; ask for less (batch size, beams, tokens)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dyrate {args.command}: interrupted", file=sys.stderr)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..evaluation.datasets import DEFAULT_CAPTION_PROMPT, TASKS
-    from .common import add_model_arguments
+    from .common import POSITIVE, add_model_arguments
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(p)
@@ -28,9 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="caption", choices=TASKS, help="which file of the folder and which prompts [caption]")
     p.add_argument("--prompt", default=DEFAULT_CAPTION_PROMPT, help=f"caption instruction [{DEFAULT_CAPTION_PROMPT!r}]")
     p.add_argument("--layers", default=None, help="probe layers, comma-separated (default: every layer 0..L-2)")
-    p.add_argument("--limit", type=int, default=50, help="rows to analyse [50]")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="generation steps at most [48]")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per generate call [8]")
+    p.add_argument("--limit", type=POSITIVE, default=50, help="rows to analyse [50]")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=48, help="generation steps at most [48]")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="rows per generate call [8]")
     p.add_argument("--policy", default=None, help="plot this pruning policy's chosen rate and shares instead (e.g. dyrate:k=2)")
     p.add_argument("--mode", default="evict", choices=("evict", "mask"), help="with --policy: inference mode [evict]")
     p.add_argument("--out", type=Path, required=True, help="PNG to write (the numbers go next to it as .json)")
@@ -57,13 +57,15 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.analyze import attention_shares, plot_policy, plot_shares, policy_trace
     from ..errors import InputError
     from ..evaluation.datasets import load_dataset
-    from .common import load_model
+    from .common import load_model, writable_file
 
     if args.out.suffix.lower() != ".png":
         raise InputError(f"--out {args.out}: expected a .png path")
-    for name in ("limit", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    json_path = args.json or args.out.with_suffix(".json")
+    if json_path.resolve() == args.out.resolve():
+        raise InputError(f"--json {json_path} is the --out image itself; give another file")
+    writable_file(args.out, "--out")
+    writable_file(json_path, "--json")
     if args.policy is not None and args.layers is not None:
         raise InputError("--layers and --policy exclude each other (a policy probes its own layer K-1)")
     if args.policy is not None:
@@ -75,7 +77,6 @@ def run(args: argparse.Namespace) -> int:
     prompts = [args.prompt if args.task == "caption" else r.question for r in data.rows]
     images = [r.image for r in data.rows]
     model_name = args.model or "built-in testbed model"
-    json_path = args.json or args.out.with_suffix(".json")
     if args.policy is not None:
         with tqdm(total=len(prompts), unit="row", desc="analyze", file=sys.stderr) as bar:
             result = policy_trace(model, processor, images, prompts, args.policy, args.mode, args.max_new_tokens,

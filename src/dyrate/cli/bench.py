@@ -20,23 +20,24 @@ DEFAULT_POLICIES = "none;fastv:k=2,r=0.5;fastv:k=2,r=0.75;vtw:k=2"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..measure.bench import RANDOM_CONFIGS
+    from .common import NONNEGATIVE as NONNEG, POSITIVE
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", help="local HF LLaVA checkpoint directory")
     src.add_argument("--config", choices=sorted(RANDOM_CONFIGS), help="a named random-weight shape (with --random-weights)")
     p.add_argument("--random-weights", action="store_true", help="build --config with random weights (no download)")
-    p.add_argument("--layers", type=int, default=None, help="truncate the random model's decoder to L layers")
+    p.add_argument("--layers", type=POSITIVE, default=None, help="truncate the random model's decoder to L layers")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"specs separated by ';' (default: {DEFAULT_POLICIES})")
     p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per row (default 64)")
-    p.add_argument("--text-tokens", type=int, default=40, help="non-image prompt tokens (default 40)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported (default 3)")
+    p.add_argument("--new-tokens", type=POSITIVE, default=64, help="tokens generated per row (default 64)")
+    p.add_argument("--text-tokens", type=NONNEG, default=40, help="non-image prompt tokens (default 40)")
+    p.add_argument("--repeats", type=POSITIVE, default=3, help="timed repeats; the median is reported (default 3)")
     p.add_argument("--mode", default="evict", choices=["evict", "mask"], help="pruning mode (default evict)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="weights dtype (default: float16 on CUDA, float32 on CPU)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
 
 
@@ -48,11 +49,9 @@ def run(args: argparse.Namespace) -> int:
 
     from ..measure.bench import bench, conditions, random_llava
     from ..errors import InputError
-    from ..policies import parse_policy
+    from .common import check_device, policy_list
 
-    specs = [s.strip() for s in args.policies.split(";") if s.strip()]
-    for s in specs:
-        parse_policy(s)
+    specs = policy_list(args.policies)
     try:
         batches = [int(b) for b in args.batch.split(",") if b.strip()]
     except ValueError:
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--batch {args.batch!r}: batch sizes must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.startswith("cuda") else torch.float32)
     if args.model:
         from ..api import load

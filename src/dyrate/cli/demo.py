@@ -32,7 +32,7 @@ def default_policies() -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .common import add_model_arguments
+    from .common import NONNEGATIVE, POSITIVE, add_model_arguments
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(p)
@@ -40,8 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"policy specs separated by ';' (default: {';'.join(BASELINES)}, and DyRate with the shipped predictor)")
     p.add_argument("--mode", default="evict", choices=("evict", "mask"),
                    help="evict (default) or mask, for every policy (the per-token DyRate predictors need mask)")
-    p.add_argument("--scene", type=int, default=0, help="which held-out scene (seed-1 set, index >= 0) [0]")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate per answer at most [48]")
+    p.add_argument("--scene", type=NONNEGATIVE, default=0, help="which held-out scene (seed-1 set, index >= 0) [0]")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=48, help="tokens to generate per answer at most [48]")
     p.add_argument("--out", default=None, help="directory for the scene image (default: a temporary directory)")
 
 
@@ -50,19 +50,16 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from ..api import generate
-    from ..errors import InputError
     from ..policies import parse_policy
     from ..testbed.data import eval_scene_seed
     from ..testbed.language import caption, short_questions
     from ..testbed.scenes import render, sample_scene
-    from .common import load_model
+    from .common import load_model, policy_list, writable_dir
 
-    if args.scene < 0:
-        raise InputError(f"--scene must be >= 0, got {args.scene}")
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    specs = [s.strip() for s in (args.policies or ";".join(default_policies())).split(";") if s.strip()]
+    specs = policy_list(args.policies) if args.policies is not None else default_policies()
     policies = [parse_policy(s) for s in specs]  # fail before any work on a bad spec
+    if args.out:
+        writable_dir(args.out, "--out")
     console = Console()
     if not console.is_terminal:
         console = Console(width=120)  # logs and pipes: wide enough for a readable caption column

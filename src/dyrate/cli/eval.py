@@ -36,7 +36,7 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..evaluation.datasets import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_NEW_TOKENS, TASKS
-    from .common import add_model_arguments
+    from .common import NONNEGATIVE, POSITIVE, SEED, add_model_arguments, float_range
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(p)
@@ -49,10 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="policy specs separated by ';', e.g. 'none;fastv:k=2,r=0.5;vtw:k=2' (default: none)",
     )
     p.add_argument("--out", required=True, help="output folder (created; an existing run in it is resumed)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N usable rows only")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per generate call (default 8)")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="evaluate the first N usable rows only")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="rows per generate call (default 8)")
     defaults = ", ".join(f"{t} {n}" for t, n in DEFAULT_MAX_NEW_TOKENS.items())
-    p.add_argument("--max-new-tokens", type=int, default=None, help=f"tokens to generate at most (default: {defaults})")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=None, help=f"tokens to generate at most (default: {defaults})")
     p.add_argument(
         "--mode",
         default="evict",
@@ -68,12 +68,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="text appended to every VQA / POPE question, e.g. 'Answer with one word.' (default: none)",
     )
     dec = p.add_argument_group("decoding (default: greedy)")
-    dec.add_argument("--num-beams", type=int, default=None, help="beam search with N beams")
+    dec.add_argument("--num-beams", type=POSITIVE, default=None, help="beam search with N beams")
     dec.add_argument("--do-sample", action="store_true", help="sample instead of greedy / beam search")
-    dec.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (with --do-sample)")
-    dec.add_argument("--top-k", type=int, default=None, help="top-k sampling (with --do-sample)")
-    dec.add_argument("--temperature", type=float, default=None, help="sampling temperature (with --do-sample)")
-    dec.add_argument("--seed", type=int, default=None, help="sampling seed (with --do-sample) [0]")
+    dec.add_argument("--top-p", type=float_range(0, 1, lo_open=True), default=None, help="nucleus sampling threshold (with --do-sample)")
+    dec.add_argument("--top-k", type=NONNEGATIVE, default=None, help="top-k sampling (with --do-sample)")
+    dec.add_argument("--temperature", type=float_range(0, lo_open=True), default=None, help="sampling temperature (with --do-sample)")
+    dec.add_argument("--seed", type=SEED, default=None, help="sampling seed (with --do-sample) [0]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

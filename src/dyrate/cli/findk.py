@@ -15,16 +15,16 @@ import json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..evaluation.datasets import DEFAULT_CAPTION_PROMPT, TASKS
-    from .common import add_model_arguments
+    from .common import POSITIVE, add_model_arguments, float_range
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(p)
     p.add_argument("--task", required=True, choices=TASKS, help="format of --data (as in dyrate eval)")
     p.add_argument("--data", required=True, help="calibration data file (caption JSON, VQA or POPE JSONL)")
     p.add_argument("--images", default=None, help="image folder (default: next to the data file)")
-    p.add_argument("--limit", type=int, default=20, help="calibration samples (default 20)")
-    p.add_argument("--eta", type=float, default=0.003, help="KL threshold (default 0.003, as in VTW)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="answer tokens per sample (default 16)")
+    p.add_argument("--limit", type=POSITIVE, default=20, help="calibration samples (default 20)")
+    p.add_argument("--eta", type=float_range(0, lo_open=True), default=0.003, help="KL threshold (default 0.003, as in VTW)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=16, help="answer tokens per sample (default 16)")
     p.add_argument("--prompt", default=DEFAULT_CAPTION_PROMPT, help="instruction for caption data")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..measure.flops import CONVENTIONS, FFN_VARIANTS, NAMED_SHAPES, policy_flops, resolve_shape
+from ..measure.flops import CONVENTIONS, FFN_VARIANTS, MAX_TOKENS, NAMED_SHAPES, policy_flops, resolve_shape
+from .common import int_range
 
 EPILOG = """examples:
   dyrate flops --config llava-1.5-7b --policy fastv:k=2,r=0.5 --text-tokens 40
@@ -32,11 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--policy", required=True, metavar="SPEC", help="policy spec, e.g. fastv:k=2,r=0.5 or vtw:k=16")
     parser.add_argument(
-        "--text-tokens", required=True, type=int, metavar="N",
+        "--text-tokens", required=True, type=int_range(0, MAX_TOKENS), metavar="N",
         help="prompt tokens that are not image tokens (system prompt and instruction)",
     )
     parser.add_argument(
-        "--new-tokens", type=int, default=1, metavar="N",
+        "--new-tokens", type=int_range(1, MAX_TOKENS), default=1, metavar="N",
         help="generated tokens (default 1; used by the cached and nocache conventions)",
     )
     parser.add_argument(

@@ -19,7 +19,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .common import add_model_arguments
+    from .common import NONNEGATIVE, POSITIVE, SEED, add_model_arguments, float_range
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(p)
@@ -29,14 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "fixed:k=2,r=0.5, schedule:4=0.5,8=0.75 (default: none)")
     p.add_argument("--mode", default="evict", choices=["evict", "mask"],
                    help="evict: remove pruned tokens from the KV cache (default); mask: hide them, keep the cache")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most (default 32)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: greedy or sampling)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search length penalty (default 1.0)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32, help="tokens to generate at most (default 32)")
+    p.add_argument("--num-beams", type=POSITIVE, default=1, help="beam search width (default 1: greedy or sampling)")
+    p.add_argument("--length-penalty", type=float_range(), default=1.0, help="beam search length penalty (default 1.0)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    p.add_argument("--top-k", type=int, default=50, help="sampling top-k, 0 disables (default 50)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sampling nucleus top-p (default 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--temperature", type=float_range(0, lo_open=True), default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=NONNEGATIVE, default=50, help="sampling top-k, 0 disables (default 50)")
+    p.add_argument("--top-p", type=float_range(0, 1, lo_open=True), default=1.0, help="sampling nucleus top-p (default 1.0)")
+    p.add_argument("--seed", type=SEED, default=None, help="random seed for sampling")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a summary")
 
 

@@ -23,7 +23,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .common import add_model_arguments
+    from .common import POSITIVE, SEED, add_model_arguments, float_range, int_range
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(p)
@@ -32,19 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--testbed", action="store_true", help="procedurally generated testbed scenes and questions")
     p.add_argument("--arch", required=True, choices=("mlp", "gru"), help="mlp (policy dyrate) or gru (policy dyrate-rnn)")
     obj = p.add_mutually_exclusive_group(required=True)
-    obj.add_argument("--target-keep", type=float, default=None, help="budget: target mean fraction of image tokens kept")
-    obj.add_argument("--lambda", dest="lam", type=float, default=None, help="weight of the mean expected kept fraction")
+    obj.add_argument("--target-keep", type=float_range(0, 1, lo_open=True), default=None, help="budget: target mean fraction of image tokens kept")
+    obj.add_argument("--lambda", dest="lam", type=float_range(0), default=None, help="weight of the mean expected kept fraction")
     p.add_argument("--objective", choices=("kl", "ce", "oracle"), default="kl",
                    help="kl: KL to the unpruned model on its own answers (default); ce: cross-entropy on the data's "
                         "reference answers; oracle: cross-entropy to each step's oracle bin (the most pruning that keeps "
                         "that step's KL <= --oracle-kl), usually with --lambda 0")
-    p.add_argument("--oracle-kl", type=float, default=0.02, help="KL threshold of the oracle objective (default 0.02)")
+    p.add_argument("--oracle-kl", type=float_range(0), default=0.02, help="KL threshold of the oracle objective (default 0.02)")
     p.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps in total (default 200)")
-    p.add_argument("--k", type=int, default=2, help="first pruned layer K; the probe reads layer K-1 (default 2)")
-    p.add_argument("--bins", type=int, default=10, help="number of rate bins B (default 10)")
-    p.add_argument("--history", type=int, default=8, help="gru: window of share vectors, 0 = unbounded (default 8)")
-    p.add_argument("--hidden", type=int, default=32, help="hidden size of the predictor (default 32)")
+    p.add_argument("--steps", type=POSITIVE, default=200, help="optimizer steps in total (default 200)")
+    p.add_argument("--k", type=POSITIVE, default=2, help="first pruned layer K; the probe reads layer K-1 (default 2)")
+    p.add_argument("--bins", type=int_range(2, 1000), default=10, help="number of rate bins B (default 10)")
+    p.add_argument("--history", type=int_range(0, 100_000), default=8, help="gru: window of share vectors, 0 = unbounded (default 8)")
+    p.add_argument("--hidden", type=int_range(1, 8192), default=32, help="hidden size of the predictor (default 32)")
     p.add_argument("--step-feature", action="store_true", help="also feed log(1 + decode step) to the predictor")
     p.add_argument("--rank", choices=("step", "prefill"), default="step",
                    help="what ranks the image tokens a bin keeps: each step's probe (default, docs/design.md) or the "
@@ -56,19 +56,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden-feature", action="store_true",
                    help="also feed the newest token's hidden state after layer K-1 (RMS-normalised) to the predictor "
                         "(our extension: it tells which token comes next)")
-    p.add_argument("--samples", type=int, default=64, help="training sequences (default 64)")
-    p.add_argument("--batch", type=int, default=4, help="sequences per optimizer step (default 4)")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
-    p.add_argument("--budget-weight", type=float, default=10.0, help="weight of the --target-keep penalty (default 10)")
-    p.add_argument("--tau-start", type=float, default=1.0, help="Gumbel-Softmax temperature at the start (default 1)")
+    p.add_argument("--samples", type=POSITIVE, default=64, help="training sequences (default 64)")
+    p.add_argument("--batch", type=POSITIVE, default=4, help="sequences per optimizer step (default 4)")
+    p.add_argument("--lr", type=float_range(0, lo_open=True), default=3e-3, help="AdamW learning rate (default 3e-3)")
+    p.add_argument("--budget-weight", type=float_range(0), default=10.0, help="weight of the --target-keep penalty (default 10)")
+    p.add_argument("--tau-start", type=float_range(0, lo_open=True), default=1.0, help="Gumbel-Softmax temperature at the start (default 1)")
     p.add_argument("--straight-through", action="store_true",
                    help="straight-through Gumbel-Softmax: the forward pass uses the hard (argmax) bin, as inference "
                         "does, gradients use the soft one")
-    p.add_argument("--tau-end", type=float, default=0.1, help="temperature at the last step (default 0.1)")
-    p.add_argument("--max-new-tokens", type=int, default=24,
+    p.add_argument("--tau-end", type=float_range(0, lo_open=True), default=0.1, help="temperature at the last step (default 0.1)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=24,
                    help="length of the greedy teacher answers, --objective kl only (default 24)")
-    p.add_argument("--save-every", type=int, default=50, help="training-state checkpoint every N steps (default 50)")
-    p.add_argument("--seed", type=int, default=0, help="initialisation, data and noise seed (default 0)")
+    p.add_argument("--save-every", type=POSITIVE, default=50, help="training-state checkpoint every N steps (default 50)")
+    p.add_argument("--seed", type=SEED, default=0, help="initialisation, data and noise seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print one JSON summary line")
 
@@ -78,13 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.datasets import training_samples
     from ..learn import TrainConfig, train
     from ..testbed.data import predictor_samples
-    from .common import load_model
+    from .common import load_model, writable_file
 
-    if args.samples < 1 or args.max_new_tokens < 1 or args.save_every < 1:
-        raise InputError("--samples, --max-new-tokens and --save-every must be >= 1")
-    if args.k < 1 or args.bins < 2 or args.history < 0 or args.hidden < 1:
-        raise InputError(f"need --k >= 1, --bins >= 2, --history >= 0, --hidden >= 1 (got {args.k}, {args.bins}, "
-                         f"{args.history}, {args.hidden})")
     features = ("shares",) + (("step",) if args.step_feature else ()) + (("hidden",) if args.hidden_feature else ())
     cfg = TrainConfig(arch=args.arch, k=args.k, bins=args.bins, history=args.history, hidden=args.hidden,
                       features=features, steps=args.steps, batch=args.batch, lr=args.lr, lam=args.lam,
@@ -93,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
                       oracle_kl=args.oracle_kl, rank=args.rank, decide=args.decide)
     if not args.out.endswith(".safetensors"):
         raise InputError(f"--out {args.out!r} must end in .safetensors")
+    writable_file(args.out, "--out")  # refused now, not after training
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     n_layers = model.config.get_text_config().num_hidden_layers
     if not 1 <= args.k < n_layers:

@@ -10,6 +10,7 @@ the same early-stop heuristic. With pruning off both are token-for-token equal t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,17 @@ class GenerationOptions:
     seed: int | None = None
 
     def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+        for name in ("max_new_tokens", "num_beams", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InputError(f"{name} must be an integer, got {value!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise InputError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        for name in ("temperature", "top_p", "length_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        if self.max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if self.num_beams < 1:
             raise InputError(f"num_beams must be >= 1, got {self.num_beams}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import InputError
@@ -50,8 +51,17 @@ class TrainConfig:
             raise InputError("give exactly one of lambda (compute penalty) and target_keep (budget)")
         if self.target_keep is not None and not 0.0 < self.target_keep <= 1.0:
             raise InputError(f"target keep fraction must lie in (0, 1], got {self.target_keep}")
+        numbers = {name: getattr(self, name) for name in ("lr", "lam", "target_keep", "budget_weight", "tau_start",
+                                                           "tau_end", "eps", "oracle_kl")}
+        # every value a number; only the oracle's KL threshold may be infinite (no limit: every bin allowed)
+        bad = [f"{k}={v}" for k, v in numbers.items()
+               if v is not None and (math.isnan(v) or (math.isinf(v) and k != "oracle_kl"))]
+        if bad:
+            raise InputError(f"need finite numbers, got {', '.join(bad)}")
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
             raise InputError(f"steps, batch and lr must be positive (got {self.steps}, {self.batch}, {self.lr})")
+        if (self.lam is not None and self.lam < 0) or self.budget_weight < 0 or self.eps < 0:
+            raise InputError("lambda, budget weight and eps must be >= 0")
         if not 0 < self.tau_end <= self.tau_start:
             raise InputError(f"need 0 < tau_end <= tau_start, got {self.tau_end}, {self.tau_start}")
 

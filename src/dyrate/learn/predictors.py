@@ -51,6 +51,8 @@ class PredictorFileError(CheckpointError, PolicySpecError):
     policy spec naming it reports the file's own one-line message."""
 
 
+LIMITS = {"bins": 1000, "k": 10_000, "history": 100_000, "hidden": 8192, "model_dim": 65_536}  # sane upper bounds
+
 SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
                 "num_key_value_heads", "head_dim", "vocab_size")
 
@@ -98,6 +100,10 @@ class PredictorConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise PolicySpecError(f"predictor arch {self.arch!r} is not one of {', '.join(ARCHS)}")
+        for name, top in LIMITS.items():  # bounds first: a corrupt file must not allocate gigabytes
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+                raise PolicySpecError(f"predictor {name}={value!r}: expected an integer in 0..{top}")
         if self.bins < 2:
             raise PolicySpecError(f"predictor bins={self.bins}: need at least 2 rate bins")
         if self.k < 1:
@@ -270,6 +276,9 @@ def load_predictor(path: str | Path) -> RatePredictor:
         predictor.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         raise PredictorFileError(f"{path}: weights do not match the predictor metadata ({str(err).splitlines()[0]})") from None
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise PredictorFileError(f"{path}: non-finite weights (NaN or inf) in {', '.join(sorted(bad)[:3])}")
     return predictor.eval()
 
 

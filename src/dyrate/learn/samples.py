@@ -4,11 +4,15 @@ files) is the caller's business; this package never reads datasets itself."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from ..adapters.inputs import encode
 from ..errors import InputError
@@ -52,3 +56,17 @@ def reference_responses(model, processor, answers: Sequence[str]) -> list[list[i
     if any(not isinstance(a, str) for a in answers):
         raise InputError("the ce objective needs a reference answer for every sample")
     return [tok(a, add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+
+
+def samples_digest(samples: Sequence[Sample]) -> str:
+    """A short hash of the samples (image pixels or file bytes, prompt, answer): a resumed training
+    run must see the same ones."""
+    h = hashlib.sha256()
+    for s in samples:
+        if isinstance(s.image, Image.Image):
+            h.update(s.image.tobytes())
+        else:
+            path = Path(s.image)
+            h.update(path.read_bytes() if path.is_file() else str(path).encode())
+        h.update(json.dumps([s.prompt, s.answer]).encode())
+    return h.hexdigest()[:16]

@@ -27,6 +27,7 @@ are computed once per sequence and cached (on CPU); each training step runs laye
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +42,7 @@ from .config import TrainConfig
 from .objective import sequence_loss
 from .oracle import label_oracle
 from .predictors import RatePredictor, check_predictor, new_predictor, read_safetensors, save_predictor
-from .samples import Sample, greedy_responses, reference_responses
+from .samples import Sample, greedy_responses, reference_responses, samples_digest
 from .teacher import Cached, prepare
 
 STATE_KEY = "dyrate_train"
@@ -65,7 +66,7 @@ def state_path(out: Path) -> Path:
 
 
 def _save_state(path: Path, predictor: RatePredictor, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig,
-                history: list[dict]) -> None:
+                history: list[dict], data: str) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in predictor.state_dict().items()}
@@ -73,23 +74,32 @@ def _save_state(path: Path, predictor: RatePredictor, opt: torch.optim.Optimizer
     for idx, st in sd["state"].items():
         for key, val in st.items():
             tensors[f"opt.{idx}.{key}"] = torch.as_tensor(val).detach().cpu().contiguous()
-    meta = {"step": step, "config": asdict(cfg), "history": history, "param_groups": sd["param_groups"]}
+    meta = {"step": step, "config": asdict(cfg), "history": history, "param_groups": sd["param_groups"], "data": data}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={STATE_KEY: json.dumps(meta)})
     tmp.replace(path)
 
 
-def _load_state(path: Path, predictor: RatePredictor, opt: torch.optim.Optimizer, cfg: TrainConfig):
+def _load_state(path: Path, predictor: RatePredictor, opt: torch.optim.Optimizer, cfg: TrainConfig, data: str):
     tensors, meta = read_safetensors(path, "training state file")
     if STATE_KEY not in meta:
         raise CheckpointError(f"{path}: not a dyrate training state")
-    m = json.loads(meta[STATE_KEY])
+    try:
+        m = json.loads(meta[STATE_KEY])
+        step = int(m["step"])
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path}: unreadable training state metadata; delete it to start afresh") from None
+    if step > cfg.steps:
+        raise CheckpointError(f"{path}: the training state is at step {step}, past --steps {cfg.steps}; "
+                              "give --steps >= it, or delete the state to start afresh")
     saved = {"objective": "kl", "straight_through": False, "oracle_kl": 0.02, "rank": "step", "decide": "step",
              **{k: v for k, v in m["config"].items() if k != "steps"}}  # older states
     here = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "steps"}
     if saved != here:
         diff = ", ".join(f"{k}={saved.get(k)} (now {here[k]})" for k in here if saved.get(k) != here[k])
         raise CheckpointError(f"{path}: a training state for other settings ({diff}); delete it or choose another --out")
+    if m.get("data", data) != data:
+        raise CheckpointError(f"{path}: a training state for other samples; delete it or choose another --out")
     predictor.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, val in tensors.items():
@@ -97,7 +107,7 @@ def _load_state(path: Path, predictor: RatePredictor, opt: torch.optim.Optimizer
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = val
     opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
-    return m["step"], m["history"]
+    return step, m["history"]
 
 
 def train(model, processor, samples: Sequence[Sample], cfg: TrainConfig, out: str | Path, max_new_tokens: int = 24,
@@ -113,6 +123,8 @@ def train(model, processor, samples: Sequence[Sample], cfg: TrainConfig, out: st
     out = Path(out)
     if out.suffix != ".safetensors":
         raise InputError(f"--out {str(out)!r} must end in .safetensors")
+    if out.is_dir():
+        raise InputError(f"--out {str(out)!r} is a directory; give a .safetensors file path")
     if not samples and cache is None:
         raise InputError("no training samples")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +155,15 @@ def build_cache(model, processor, samples: Sequence[Sample], cfg: TrainConfig, m
     return cache
 
 
+def cache_digest(cache: list[Cached]) -> str:
+    """A short hash of prepared sequences (their prompts' groups and responses): what a resumed run
+    must train on again."""
+    h = hashlib.sha256()
+    for c in cache:
+        h.update(json.dumps([c.n_prompt, c.groups.tolist(), c.response]).encode())
+    return h.hexdigest()[:16]
+
+
 def _train(model, processor, samples, cfg, out, max_new_tokens, save_every, progress, log, stop_after, cache):
     from tqdm import tqdm
 
@@ -151,9 +172,10 @@ def _train(model, processor, samples, cfg, out, max_new_tokens, save_every, prog
                               rank=cfg.rank, decide=cfg.decide).to(device)
     opt = torch.optim.AdamW(predictor.parameters(), lr=cfg.lr, weight_decay=0.0)
     spath = state_path(out)
+    data = samples_digest(samples) if cache is None else cache_digest(cache)
     start, history = 0, []
     if spath.exists():
-        start, history = _load_state(spath, predictor, opt, cfg)
+        start, history = _load_state(spath, predictor, opt, cfg, data)
         check_predictor(model, predictor, k=cfg.k, bins=cfg.bins, name=str(spath))
         if log:
             log(f"resuming from {spath} at step {start}")
@@ -182,10 +204,10 @@ def _train(model, processor, samples, cfg, out, max_new_tokens, save_every, prog
         shown = {"loss": parts["loss"], cfg.objective: parts["fit"], "kl": parts["kl"]}
         bar.set_postfix(**{k: f"{v:.4f}" for k, v in shown.items()}, keep=f"{parts['keep']:.3f}", tau=f"{tau:.2f}")
         if (step + 1) % save_every == 0 and step + 1 < end:
-            _save_state(spath, predictor, opt, step + 1, cfg, history)
+            _save_state(spath, predictor, opt, step + 1, cfg, history, data)
     bar.close()
     done = max(start, end)
-    _save_state(spath, predictor, opt, done, cfg, history)
+    _save_state(spath, predictor, opt, done, cfg, history, data)
     save_predictor(predictor.cpu(), out)
     return {"out": str(out), "state": str(spath), "steps": done, "finished": done >= cfg.steps,
             "first": history[0] if history else None, "last": history[-1] if history else None}

@@ -9,6 +9,7 @@ the first (shallowest) layer whose mean KL is below `eta`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +33,10 @@ class FindKResult:
 def find_k(model, processor, images, prompts, eta: float = 0.003, max_new_tokens: int = 16,
            layers: list[int] | None = None, progress=None) -> FindKResult:
     """Mean next-token KL of `vtw:k=K` against the unpruned model for each K; the first K under eta."""
-    if eta <= 0:
-        raise InputError(f"eta must be > 0, got {eta}")
+    if not eta > 0 or not math.isfinite(eta):
+        raise InputError(f"eta must be a finite number > 0, got {eta}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not prompts or len(images) != len(prompts):
         raise InputError(f"need one image per prompt, got {len(images)} images and {len(prompts)} prompts")
     adapter = adapter_for(model)

@@ -155,9 +155,14 @@ def _check_ffn(ffn: str) -> int:
     return int(ffn[0])  # matrices of width m in the FFN
 
 
+MAX_TOKENS = 10**8  # far beyond any model's context; larger counts are typos (and lose float precision)
+
+
 def _check_count(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InputError(f"{what} must be a non-negative integer, got {value!r}")
+    if value > MAX_TOKENS:
+        raise InputError(f"{what}={value} is more tokens than any model holds (at most {MAX_TOKENS})")
     return value
 
 
