@@ -177,3 +177,36 @@ def test_loglikelihood(tiny_dir, images):
         ref = sum(float(logits[j - 1, ids[j]]) for j in range(n, len(ids)))
         assert lp == pytest.approx(ref, abs=1e-4)
     assert [lp for lp, _ in got] != pytest.approx([lp for lp, _ in full.loglikelihood(reqs)])
+
+
+def test_two_processes_equal_one(tiny_dir, data_dir, tmp_path):
+    """`accelerate launch` with 2 CPU processes (gloo): every document once, the same outputs as 1 process."""
+    import glob
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate launcher not installed")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "DYRATE_TESTBED_DATA": str(data_dir), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "LMMS_EVAL_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = ["-m", "lmms_eval", "--model", "dyrate_llava", "--model_args", f"pretrained={tiny_dir},policy=fastv:k=2|r=0.5",
+            "--tasks", "dyrate_testbed_vqa", "--include_path", str(TASKS_DIR), "--device", "cpu", "--batch_size", "1",
+            "--log_samples", "--verbosity", "WARNING"]
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+              "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+    outputs = {}
+    for name, cmd in (("one", [sys.executable]), ("two", launch)):
+        run = subprocess.run(cmd + args + ["--output_path", str(tmp_path / name)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        [path] = glob.glob(str(tmp_path / name / "*" / "*samples_dyrate_testbed_vqa.jsonl"))
+        rows = [json.loads(line) for line in open(path)]
+        outputs[name] = sorted((r["doc_id"], r["filtered_resps"]) for r in rows)
+    assert [d for d, _ in outputs["one"]] == [0, 1, 2]  # every document once
+    assert outputs["two"] == outputs["one"]

@@ -45,7 +45,7 @@ def test_bad_input_exit_code_2(main, argv, tmp_path, capsys):
     code = main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.startswith("dyrate testbed: error:") and err.count("\n") == 1
+    assert err.startswith("dyrate testbed") and ": error:" in err and err.count("\n") == 1
 
 
 def test_usage_error_exit_code_2(main):

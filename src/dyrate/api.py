@@ -119,10 +119,12 @@ def generate(
             f"prompt ({n_prompt} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds the model's "
             f"{adapter.max_positions} positions"
         )
+    shape = flops_model.DecoderShape.from_config(model.config)
+    _check_memory(model, flops_model.request_bytes(shape, len(prompts) * opts.num_beams, n_prompt + opts.max_new_tokens,
+                                                   next(model.parameters()).element_size()))
     eos, pad = _special_ids(model, processor)
     with torch.inference_mode():
         outputs, state = generate_tokens(engine, input_ids, batch.attention_mask, batch.pixel_values, opts, eos, pad)
-    shape = flops_model.DecoderShape.from_config(model.config)
     results = []
     for i, out in enumerate(outputs):
         row_groups = state.group[out.steps[0] if out.steps else i, : input_ids.shape[1]]
@@ -132,6 +134,22 @@ def generate(
         text = processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         results.append(GenerationResult(text, out.token_ids, trace, fl, retained, pol.spec(), mode))
     return results
+
+
+def _check_memory(model, need: int) -> None:
+    """Refuse a request whose estimated memory exceeds what the model's device has free, before
+    allocating any of it (InputError naming both figures)."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    if need > free:
+        gib = 2**30
+        raise InputError(f"this request needs about {need / gib:.1f} GiB (KV cache of batch x beams rows, activations, "
+                         f"logits), more than the {free / gib:.1f} GiB free on {device}; ask for fewer rows, beams or tokens")
 
 
 def _special_ids(model, processor) -> tuple[list[int], int]:

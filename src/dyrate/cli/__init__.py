@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("dyrate.cli.eval", "evaluate policies on caption / VQA / POPE data: quality, FLOPs, retained tokens"),
     "analyze": ("dyrate.cli.analyze", "attention share of sys / img / ins / res against generation step, per layer (PNG + JSON)"),
     "train-predictor": ("dyrate.cli.train_predictor", "train a DyRate rate predictor (MLP or GRU) on a frozen VLM"),
-    "testbed": ("dyrate.testbed.cli", "build the testbed: scene data, training and evaluation of the small LLaVA"),
+    "testbed": ("dyrate.cli.testbed", "build the testbed: scene data, training and evaluation of the small LLaVA"),
 }
 
 

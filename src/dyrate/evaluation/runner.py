@@ -13,19 +13,18 @@ scores after all are done (the other processes return None).
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from ..errors import InputError
 from .datasets import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_NEW_TOKENS, TASKS, CaptionTruth, Dataset, Row, load_dataset
 from .score import CONVENTIONS, summarize
-from .store import SAMPLES, SampleWriter, merge_samples, read_all, shard_path, shard_rows
+from .run_dir import RunLock, check_writable, file_digest, read_run_file, write_run_file
+from .store import SAMPLES, SampleWriter, has_prediction, merge_samples, read_all, shard_path, shard_rows
 
-RUN_FILE = "run.json"
 LOG_FILE = "eval.log"
 MAX_STDERR_PROBLEMS = 20  # more go to eval.log only
 
@@ -63,6 +62,7 @@ class EvalConfig:
         unknown = set(self.decoding) - allowed
         if unknown:
             raise InputError(f"unknown decoding option(s): {', '.join(sorted(unknown))}")
+        GenerationOptions(max_new_tokens=self.max_new_tokens, **self.decoding)  # bad values fail before any work
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
         if self.mode not in ("evict", "mask"):
@@ -156,27 +156,6 @@ class _Log:
             f.write(msg + "\n")
 
 
-def _check_run_file(config: EvalConfig, is_main: bool) -> None:
-    path = config.out / RUN_FILE
-    ident = config.identity()
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if isinstance(old, dict):
-            diff = [k for k in ident if old.get(k) != ident[k]]
-            if diff:
-                detail = ", ".join(f"{k}: {old.get(k)!r} -> {ident[k]!r}" for k in diff)
-                raise InputError(
-                    f"{config.out} holds a run with other settings ({detail}); "
-                    "use another --out directory to keep both, or delete it"
-                )
-    elif is_main:
-        config.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(ident, indent=2) + "\n")
-
-
 def run_eval(
     model,
     processor,
@@ -194,9 +173,6 @@ def run_eval(
     sys.stderr at call time; None: the log file only).
     on_batch(batch_index, pairs_done_so_far) is called after each batch is flushed (test hook).
     Returns the summary dict on the main process, None on the others."""
-    from ..adapters.inputs import read_image
-    from ..api import generate
-    from ..errors import DyrateError
 
     config = plan.config
     if log == "stderr":
@@ -204,16 +180,71 @@ def run_eval(
     world = getattr(state, "num_processes", 1) if state is not None else 1
     process = getattr(state, "process_index", 0) if state is not None else 0
     is_main = process == 0
-    if config.out.exists() and not config.out.is_dir():
-        raise InputError(f"--out {str(config.out)!r} is a file, not a folder")
+    check_writable(config.out)
     config.out.mkdir(parents=True, exist_ok=True)
-    _check_run_file(config, is_main)
-    logger = _Log(config.out, log, is_main)
+    identity = {**config.identity(), "data_sha256": file_digest(plan.dataset.path),
+                "truth_sha256": file_digest(plan.dataset.truth_file)}
+    # The main process takes OUT's lock and checks run.json; every process learns its verdict
+    # before anyone writes a sample (docs/eval.md, "Resume").
+    lock, problem, earlier = RunLock(config.out), None, []
+    if is_main:
+        problem = lock.acquire()
+        if problem is None:
+            try:
+                earlier = read_run_file(config.out, identity)
+                write_run_file(config.out, identity, earlier + [p for p in plan.policies if p not in earlier])
+            except InputError as err:
+                problem = str(err)
+    problem = _agree(state, problem)
+    if problem is not None:
+        lock.release()
+        raise InputError(problem)
+    try:
+        _generate_all(model, processor, plan, state, _Log(config.out, log, is_main), on_batch)
+        if not is_main:
+            return None
+        # the summary covers every policy run into OUT, the earlier ones first
+        everything = replace(plan, policies=earlier + [p for p in plan.policies if p not in earlier])
+        samples = merge_samples(config.out, everything.order())
+        summary = summarize(everything, samples)
+        summary["processes"] = world
+        from .report import write_reports
+
+        write_reports(config.out, summary)
+        return summary
+    finally:
+        lock.release()
+
+
+def _agree(state, problem: str | None) -> str | None:
+    """The main process's verdict, on every process (torch.distributed broadcast when it runs;
+    otherwise each process has only its own)."""
+    if state is None or getattr(state, "num_processes", 1) <= 1:
+        return problem
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return problem
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _generate_all(model, processor, plan: Plan, state, logger: "_Log", on_batch) -> None:
+    """Generate this process's share of the (row, policy) pairs that have no prediction in OUT yet."""
+    from ..adapters.inputs import read_image
+    from ..api import generate
+    from ..errors import DyrateError
+
+    config = plan.config
+    world = getattr(state, "num_processes", 1) if state is not None else 1
+    process = getattr(state, "process_index", 0) if state is not None else 0
+    is_main = process == 0
     if is_main:
         for msg in plan.dataset.bad:
             logger.problem(f"skipped row: {msg}")
 
-    done = set(read_all(config.out))  # every process reads before anyone writes
+    done = {key for key, sample in read_all(config.out).items() if has_prediction(sample)}  # read before anyone writes
     _barrier(state)
     my_rows = shard_rows(plan.rows, process, world)
     todo = [(row, [p for p in plan.policies if (row.key, p) not in done]) for row in my_rows]
@@ -265,15 +296,6 @@ def run_eval(
                 on_batch(b, n_done)
     bar.close()
     _barrier(state)
-    if not is_main:
-        return None
-    samples = merge_samples(config.out, plan.order())
-    summary = summarize(plan, samples)
-    summary["processes"] = world
-    from .report import write_reports
-
-    write_reports(config.out, summary)
-    return summary
 
 
 def _warm_up(generate, model, processor, row: Row, config: EvalConfig, error_type) -> None:

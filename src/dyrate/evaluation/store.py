@@ -6,7 +6,9 @@
 - Lines are flushed per batch. A killed run leaves at most one truncated last line per file:
   readers skip it, and `SampleWriter` cuts it off before appending, so the rerun redoes exactly the
   pairs that are not complete.
-- The first line for an (id, policy) pair wins; later duplicates are dropped at merge.
+- A line without a prediction (an error, or a line cut short of its fields) does not finish its
+  pair: a resume generates the pair again. Per pair, the first line with a prediction wins, else
+  the last line; the others are dropped at merge.
 """
 
 from __future__ import annotations
@@ -55,12 +57,20 @@ def sample_files(out: Path) -> list[Path]:
     return [out / SAMPLES, *shards]
 
 
+def has_prediction(sample: dict) -> bool:
+    """Does this sample finish its (id, policy) pair? (a prediction string and no error)"""
+    return isinstance(sample.get("prediction"), str) and not sample.get("error")
+
+
 def read_all(out: Path) -> dict[tuple[str, str], dict]:
-    """Every complete sample of a run directory (main file and shards), first occurrence per pair."""
+    """Every complete sample of a run directory (main file and shards), one per pair: the first
+    with a prediction, else the last line seen."""
     found: dict[tuple[str, str], dict] = {}
     for path in sample_files(out):
         for sample in read_samples(path):
-            found.setdefault(sample_key(sample), sample)
+            key = sample_key(sample)
+            if key not in found or not has_prediction(found[key]):
+                found[key] = sample
     return found
 
 

@@ -15,6 +15,7 @@ This module imports lmms-eval at import time; `import dyrate` never imports it.
 from __future__ import annotations
 
 import json
+import os
 import time
 from statistics import fmean
 from dataclasses import dataclass, field
@@ -127,11 +128,9 @@ class DyrateLlava(lmms):
             spec = f"{spec}{',' if ':' in spec else ':'}predictor={predictor}"
         self.policy = parse_policy(spec)
         self.mode = str(mode)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._device = torch.device(device)
-        if self._device.type == "cuda" and not torch.cuda.is_available():
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise InputError(f"dyrate_llava: device {device!r} requested but CUDA is not available (use device=cpu)")
+        self._device = self._join_processes(device)
         if not str(batch_size).isdigit():
             logger.warning(f"dyrate_llava: batch_size {batch_size!r} is not an integer; using 1")
             batch_size = 1
@@ -149,6 +148,24 @@ class DyrateLlava(lmms):
         self.shape = flops_model.DecoderShape.from_config(self._model.config)
         self.stats: list[SampleStats] = []
         logger.info(f"dyrate_llava: {self.pretrained} policy={self.policy.spec()} mode={self.mode} on {self._device}")
+
+    def _join_processes(self, device: str | None) -> torch.device:
+        """Under `accelerate launch` / torchrun (WORLD_SIZE > 1): join the process group (gloo on
+        CPUs) through an `Accelerator`, which lmms-eval's evaluator then uses for its barriers, and
+        report this process's rank and the world size: the evaluator gives each rank every
+        world_size-th document and gathers the results on rank 0. Returns the device to run on
+        (each process its own GPU unless a device is given)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        on_cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+        if world <= 1:
+            return torch.device(device or ("cpu" if on_cpu else "cuda"))
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=on_cpu)
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        if device is None and not on_cpu:
+            return torch.device(f"cuda:{self.accelerator.local_process_index}")
+        return torch.device(device or "cpu")
 
     # ------------------------------------------------------------------ lmms-eval plumbing
     @property

@@ -292,6 +292,16 @@ def prefill_floor(shape: DecoderShape, k: int, text_tokens: int, ffn: str = "2dm
     return floor_ratio(shape, k, text_tokens, 1, "prefill", ffn)
 
 
+def request_bytes(shape: DecoderShape, rows: int, seq: int, dtype_bytes: int = 4) -> int:
+    """A generous upper estimate of the memory one generate call needs beyond the weights: rows
+    (batch x beams) whose sequences reach `seq` tokens hold a full KV cache, the prefill's widest
+    activations (a few (rows, seq, max(d, m)) tensors) and float32 logits over the vocabulary."""
+    kv = 2 * shape.n_layers * rows * seq * shape.n_kv_heads * shape.head_dim * dtype_bytes
+    activations = 4 * rows * seq * max(shape.hidden, shape.ffn) * dtype_bytes
+    logits = 3 * rows * (shape.vocab or 32_000) * 4
+    return kv + activations + logits
+
+
 def kv_cache_bytes(
     shape: DecoderShape, tokens_per_layer: Sequence[int], batch: int = 1, dtype_bytes: int = 2
 ) -> int:
@@ -358,6 +368,7 @@ __all__ = [
     "forward_flops",
     "generation_flops",
     "kv_cache_bytes",
+    "request_bytes",
     "layer_flops",
     "policy_flops",
     "prefill_floor",

@@ -13,5 +13,6 @@ Modules:
   train       the training loop
   evaluate    caption F1 / CIDEr, short-answer accuracy, POPE with greedy generate
   scoring     object F1 of captions against scene truth (`evaluation.CaptionTruth` for testbed data)
-  cli         `dyrate testbed data|train|eval`
+
+The `dyrate testbed data|train|eval` commands live in `dyrate.cli.testbed`.
 """

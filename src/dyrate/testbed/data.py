@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,13 +96,29 @@ def dialog_turns(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- evaluation files
 
 
+DATASET_FILES = ("captions.json", "vqa.jsonl", "scenes.jsonl", *(f"pope_{s}.jsonl" for s in L.POPE_SPLITS))
+
+
 def write_dataset(out: Path, seed: int, n: int, image_size: int = 96, progress: bool = True) -> dict[str, int]:
     """Write a held-out evaluation set of `n` scenes to `out` (see `dyrate testbed data --help`).
     Returns the number of records per file."""
     from tqdm import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "images").mkdir(exist_ok=True)
+    from ..errors import InputError
+
+    out = Path(out)
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"--out {out} is a file, not a folder")
+        others = sorted(p.name for p in out.iterdir() if p.name not in (*DATASET_FILES, "images"))
+        if others:
+            raise InputError(f"--out {out} holds files that are not a testbed dataset ({', '.join(others[:3])}); "
+                             "give an empty or new folder")
+    # Written whole into a sibling folder first, then swapped in: an interrupted run leaves the old
+    # dataset as it was, and a dataset written over an old one keeps none of its images.
+    final, out = out, out.with_name(out.name + ".partial")
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "images").mkdir(parents=True)
     images, annotations, vqa, scenes = [], [], [], []
     pope: dict[str, list[dict]] = {s: [] for s in L.POPE_SPLITS}
     ann_id = 0
@@ -135,6 +152,15 @@ def write_dataset(out: Path, seed: int, n: int, image_size: int = 96, progress: 
     for split, rows in pope.items():
         _write_jsonl(out / f"pope_{split}.jsonl", rows)
     _write_jsonl(out / "scenes.jsonl", scenes)
+    if final.exists():
+        shutil.rmtree(final / "images", ignore_errors=True)
+        for name in DATASET_FILES:
+            (final / name).unlink(missing_ok=True)
+        for item in out.iterdir():
+            item.rename(final / item.name)
+        out.rmdir()
+    else:
+        out.rename(final)
     counts = {"images": len(images), "captions": len(annotations), "vqa": len(vqa), "scenes": len(scenes)}
     counts.update({f"pope_{s}": len(r) for s, r in pope.items()})
     return counts

@@ -51,6 +51,10 @@ class TrainArgs:
 
     def validate(self) -> None:
         get_spec(self.config)
+        floats = {k: v for k, v in vars(self).items() if isinstance(v, float)}
+        bad = [f"{k}={v}" for k, v in floats.items() if not math.isfinite(v)]
+        if bad:
+            raise InputError(f"need finite numbers, got {', '.join(bad)}")
         if self.steps is None and self.minutes is None:
             raise InputError("give --steps, --minutes or both (training stops at whichever comes first)")
         if self.steps is not None and self.steps <= 0:

@@ -14,7 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import CheckpointError, InputError
+from ..errors import InputError
+from .common import POSITIVE, SEED, float_range, int_range, writable_dir, writable_file
+
+HELD_OUT_SEEDS = int_range(0, 999)  # `testbed data` / `testbed eval` seeds; training never uses these scenes
+IMAGE_SIZE = int_range(24, 2048)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,10 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "scenes.jsonl (machine-readable specs) and images/*.png. Same seed, same files."
         ),
     )
-    p.add_argument("--seed", type=int, default=1, help="dataset seed (0..999; training never uses these scenes) [1]")
-    p.add_argument("--n", type=int, default=500, help="number of scenes [500]")
+    p.add_argument("--seed", type=HELD_OUT_SEEDS, default=1, help="dataset seed (0..999; training never uses these scenes) [1]")
+    p.add_argument("--n", type=POSITIVE, default=500, help="number of scenes [500]")
     p.add_argument("--out", type=Path, required=True, help="output directory (created)")
-    p.add_argument("--image-size", type=int, default=96, help="image side in pixels [96, the base model's]")
+    p.add_argument("--image-size", type=IMAGE_SIZE, default=96, help="image side in pixels, 24..2048 [96, the base model's]")
     p.set_defaults(_testbed_run=_run_data)
 
     p = sub.add_parser(
@@ -52,34 +56,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--config", default="base", help="named model config: tiny (tests) or base [base]")
     p.add_argument("--out", type=Path, default=Path("runs/testbed"), help="output directory [runs/testbed]")
-    p.add_argument("--steps", type=int, default=None, help="total optimizer steps")
-    p.add_argument("--minutes", type=float, default=None, help="total training minutes")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and data-stream seed [0]")
+    p.add_argument("--steps", type=POSITIVE, default=None, help="total optimizer steps")
+    p.add_argument("--minutes", type=float_range(0, lo_open=True), default=None, help="total training minutes")
+    p.add_argument("--seed", type=SEED, default=0, help="initialisation and data-stream seed [0]")
     p.add_argument(
-        "--stop-after", type=int, default=None, metavar="N",
+        "--stop-after", type=POSITIVE, default=None, metavar="N",
         help="end this invocation after N more steps (checkpoint + export; rerun to continue, same LR schedule)",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="examples per step [32]")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of the decoder/projector [1e-3]")
-    p.add_argument("--vision-lr-mult", type=float, default=2.0, help="learning-rate multiplier of the vision tower [2]")
-    p.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch vision loss, 0 = off [0.5]")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="examples per step [32]")
+    p.add_argument("--lr", type=float_range(0, lo_open=True), default=1e-3, help="peak learning rate of the decoder/projector [1e-3]")
+    p.add_argument("--vision-lr-mult", type=float_range(0), default=2.0, help="learning-rate multiplier of the vision tower [2]")
+    p.add_argument("--aux-weight", type=float_range(0), default=0.5, help="weight of the per-patch vision loss, 0 = off [0.5]")
     p.add_argument(
-        "--proj-aux-weight", type=float, default=0.5,
+        "--proj-aux-weight", type=float_range(0), default=0.5,
         help="weight of the per-patch loss on the projector output (attributes and grid cell), 0 = off [0.5]",
     )
     p.add_argument(
-        "--loc-aux-weight", type=float, default=0.0,
+        "--loc-aux-weight", type=float_range(0), default=0.0,
         help="weight of a per-patch location loss on the projector output (the 3x3 grid cell each patch lies "
         "in), so image embeddings carry where they are, not only RoPE order; 0 = off [0]",
     )
     p.add_argument(
-        "--drop-prob", type=float, default=0.0,
+        "--drop-prob", type=float_range(0, 1), default=0.0,
         help="image-token dropout: fraction of examples whose image tokens are randomly hidden from a random "
         "decoder layer on (robustness to pruning; 0 = off) [0]",
     )
-    p.add_argument("--drop-max-rate", type=float, default=0.9, help="largest fraction of image tokens hidden [0.9]")
+    p.add_argument("--drop-max-rate", type=float_range(0, 1, hi_open=True), default=0.9, help="largest fraction of image tokens hidden [0.9]")
     p.add_argument(
-        "--drop-background-first", type=float, default=0.0,
+        "--drop-background-first", type=float_range(0, 1), default=0.0,
         help="fraction of the dropout examples that hide background patches first instead of uniformly random ones [0]",
     )
     p.add_argument("--task-weights", default=None,
@@ -87,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "an optional dialog=W adds multi-turn examples: every question type plus a POPE pair "
                         "(binding negative) about one image")
     p.add_argument(
-        "--attn-sup-weight", type=float, default=0.0,
+        "--attn-sup-weight", type=float_range(0), default=0.0,
         help="weight of the attention supervision: head 0 of the --attn-sup-layers should look, from a question's "
         "last prompt token, at the objects the question names (teaches content-addressed lookup); 0 = off [0]",
     )
@@ -100,18 +104,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "object, so the share left on the first token (1/(n+1)) says the count n (default: all on the "
                         "counted objects' patches)")
     p.add_argument(
-        "--query-aux-weight", type=float, default=0.0,
+        "--query-aux-weight", type=float_range(0), default=0.0,
         help="weight of a per-question loss: linear heads read the attributes a question names (shape, colour, "
         "size, position) off its last prompt token as it enters the first --attn-sup-layers layer, so the lookup's "
         "query knows what to look for; 0 = off [0]",
     )
     p.add_argument(
-        "--salience-weight", type=float, default=0.0,
+        "--salience-weight", type=float_range(0), default=0.0,
         help="weight of the salience loss: the head-averaged attention of --salience-layer from every turn's last "
         "prompt token (captions too) should put its image share on object patches, so FastV's ranking at that "
         "layer keeps the objects first; 0 = off [0]",
     )
-    p.add_argument("--salience-layer", type=int, default=1,
+    p.add_argument("--salience-layer", type=int_range(0), default=1,
                    help="decoder layer (0-based) of the salience loss; FastV at K ranks by layer K-1 [1]")
     p.add_argument(
         "--init", type=Path, default=None,
@@ -122,8 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     precision.add_argument("--bf16", dest="bf16", action="store_true", default=None,
                            help="bf16 autocast (default: only where the CPU has native bf16; elsewhere it is far slower)")
     precision.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
-    p.add_argument("--save-every", type=float, default=300.0, help="seconds between checkpoints [300]")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads [torch default]")
+    p.add_argument("--save-every", type=float_range(0, lo_open=True), default=300.0, help="seconds between checkpoints [300]")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch intra-op threads [torch default]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(_testbed_run=_run_train)
 
@@ -136,12 +140,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     p.add_argument("--model", type=Path, required=True, help="checkpoint directory (from `dyrate testbed train`)")
-    p.add_argument("--seed", type=int, default=1, help="held-out dataset seed [1]")
-    p.add_argument("--n", type=int, default=100, help="number of scenes [100]")
+    p.add_argument("--seed", type=HELD_OUT_SEEDS, default=1, help="held-out dataset seed, 0..999 [1]")
+    p.add_argument("--n", type=POSITIVE, default=100, help="number of scenes [100]")
     p.add_argument("--blank", action="store_true", help="replace every image by its empty background")
     p.add_argument("--no-cider", action="store_true", help="skip CIDEr (which needs Java)")
-    p.add_argument("--batch-size", type=int, default=32, help="generation batch size [32]")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads [torch default]")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="generation batch size [32]")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch intra-op threads [torch default]")
     p.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
     p.set_defaults(_testbed_run=_run_eval)
 
@@ -152,9 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _threads(n: int | None) -> None:
     if n is not None:
-        if n <= 0:
-            raise InputError(f"--threads must be positive, got {n}")
-        from .train import set_threads
+        from ..testbed.train import set_threads
 
         set_threads(n)
 
@@ -167,29 +169,19 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
 
 
 def _run_data(args) -> int:
-    from .data import write_dataset
+    from ..testbed.data import write_dataset
 
-    if args.n <= 0:
-        raise InputError(f"--n must be positive, got {args.n}")
-    if not 0 <= args.seed < 1000:
-        raise InputError(f"--seed must be in 0..999 (held-out range), got {args.seed}")
-    if args.image_size < 24:
-        raise InputError(f"--image-size must be at least 24, got {args.image_size}")
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(f"--out {args.out} exists and is not a directory")
+    writable_dir(args.out, "--out")
     counts = write_dataset(args.out, args.seed, args.n, args.image_size, progress=sys.stderr.isatty())
     print(json.dumps({"out": str(args.out), **counts}))
     return 0
 
 
 def _run_train(args) -> int:
-    from .train import TrainArgs, train
+    from ..testbed.train import TrainArgs, train
 
     _threads(args.threads)
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(f"--out {args.out} exists and is not a directory")
-    if args.stop_after is not None and args.stop_after <= 0:
-        raise InputError(f"--stop-after must be positive, got {args.stop_after}")
+    writable_dir(args.out, "--out")
     targs = TrainArgs(
         config=args.config,
         out=str(args.out),
@@ -225,17 +217,15 @@ def _run_train(args) -> int:
 
 
 def _run_eval(args) -> int:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import torch
 
-    from .evaluate import evaluate
+    from ..api import load
+    from ..testbed.evaluate import evaluate
 
     _threads(args.threads)
-    if args.n <= 0:
-        raise InputError(f"--n must be positive, got {args.n}")
-    if not (args.model / "config.json").exists():
-        raise CheckpointError(f"{args.model} is not a checkpoint directory (no config.json)")
-    model = LlavaForConditionalGeneration.from_pretrained(args.model, dtype="float32").eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    if args.json is not None:
+        writable_file(args.json, "--json")
+    model, processor = load(args.model, dtype=torch.float32)  # safetensors only, a LLaVA config, whole weights
     metrics = evaluate(model, processor, seed=args.seed, n=args.n, blank=args.blank, batch_size=args.batch_size, with_cider=not args.no_cider)
     text = json.dumps(metrics, indent=1)
     print(text)
