@@ -23,7 +23,7 @@ from .measure import flops as flops_model
 from .measure.trace import row_trace
 from .policies import Policy, parse_policy
 
-__all__ = ["IMAGE_PLACEHOLDER", "GenerationResult", "build_prompt", "generate", "load", "read_image"]
+__all__ = ["IMAGE_PLACEHOLDER", "GenerationResult", "build_prompt", "check_request", "generate", "load", "read_image"]
 
 
 def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None, device: str | None = None):
@@ -119,9 +119,8 @@ def generate(
             f"prompt ({n_prompt} tokens) + max_new_tokens ({opts.max_new_tokens}) exceeds the model's "
             f"{adapter.max_positions} positions"
         )
+    check_request(model, len(prompts), n_prompt + opts.max_new_tokens, opts.num_beams)
     shape = flops_model.DecoderShape.from_config(model.config)
-    _check_memory(model, flops_model.request_bytes(shape, len(prompts) * opts.num_beams, n_prompt + opts.max_new_tokens,
-                                                   next(model.parameters()).element_size()))
     eos, pad = _special_ids(model, processor)
     with torch.inference_mode():
         outputs, state = generate_tokens(engine, input_ids, batch.attention_mask, batch.pixel_values, opts, eos, pad)
@@ -136,12 +135,19 @@ def generate(
     return results
 
 
-def _check_memory(model, need: int) -> None:
-    """Refuse a request whose estimated memory exceeds what the model's device has free, before
-    allocating any of it (InputError naming both figures)."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
+def check_request(model, batch: int, seq: int, num_beams: int = 1) -> None:
+    """Refuse, before allocating any of it, a generate call of `batch` prompts x `num_beams` beams
+    growing to `seq` tokens: more beams than the vocabulary has tokens (after the first step no
+    more distinct hypotheses exist), or an estimated memory (`measure.flops.request_bytes`) above
+    what the model's device has free. InputError naming the figures."""
+    vocab = model.config.get_text_config().vocab_size
+    if num_beams > vocab:
+        raise InputError(f"num_beams {num_beams} exceeds the vocabulary ({vocab} tokens); beams beyond it stay empty")
+    param = next(model.parameters())
+    shape = flops_model.DecoderShape.from_config(model.config)
+    need = flops_model.request_bytes(shape, batch * num_beams, seq, param.element_size())
+    if param.device.type == "cuda":
+        free = torch.cuda.mem_get_info(param.device)[0]
     else:
         import psutil
 
@@ -149,7 +155,8 @@ def _check_memory(model, need: int) -> None:
     if need > free:
         gib = 2**30
         raise InputError(f"this request needs about {need / gib:.1f} GiB (KV cache of batch x beams rows, activations, "
-                         f"logits), more than the {free / gib:.1f} GiB free on {device}; ask for fewer rows, beams or tokens")
+                         f"logits), more than the {free / gib:.1f} GiB free on {param.device}; ask for fewer rows, "
+                         "beams or tokens")
 
 
 def _special_ids(model, processor) -> tuple[list[int], int]:

@@ -181,6 +181,7 @@ def run_eval(
     process = getattr(state, "process_index", 0) if state is not None else 0
     is_main = process == 0
     check_writable(config.out)
+    _check_size(model, processor, plan)  # before OUT is touched
     config.out.mkdir(parents=True, exist_ok=True)
     identity = {**config.identity(), "data_sha256": file_digest(plan.dataset.path),
                 "truth_sha256": file_digest(plan.dataset.truth_file)}
@@ -214,6 +215,22 @@ def run_eval(
         return summary
     finally:
         lock.release()
+
+
+def _check_size(model, processor, plan: Plan) -> None:
+    """Refuse (InputError) a run whose batches would not fit in memory, before the first one: the
+    first row's prompt length (plus a margin for longer questions) x batch size x beams."""
+    from ..adapters.inputs import encode
+    from ..api import check_request
+    from ..errors import DyrateError
+
+    config, row = plan.config, plan.rows[0]
+    try:
+        n_prompt = encode(processor, [row.image], [config.prompt_for(row)], "cpu").n_prompt
+    except DyrateError:
+        return  # that row reports its own problem when its turn comes
+    beams = int(config.decoding.get("num_beams", 1))
+    check_request(model, config.batch_size, n_prompt + 64 + config.max_new_tokens, beams)
 
 
 def _agree(state, problem: str | None) -> str | None:
