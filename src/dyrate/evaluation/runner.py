@@ -187,13 +187,15 @@ def run_eval(
                 "truth_sha256": file_digest(plan.dataset.truth_file)}
     # The main process takes OUT's lock and checks run.json; every process learns its verdict
     # before anyone writes a sample (docs/eval.md, "Resume").
-    lock, problem, earlier = RunLock(config.out), None, []
+    lock, problem, everything = RunLock(config.out), None, plan
     if is_main:
         problem = lock.acquire()
         if problem is None:
             try:
                 earlier = read_run_file(config.out, identity)
-                write_run_file(config.out, identity, earlier + [p for p in plan.policies if p not in earlier])
+                # the summary covers every policy run into OUT, the earlier ones first
+                everything = replace(plan, policies=earlier + [p for p in plan.policies if p not in earlier])
+                write_run_file(config.out, identity, everything.policies)
             except InputError as err:
                 problem = str(err)
     problem = _agree(state, problem)
@@ -204,8 +206,6 @@ def run_eval(
         _generate_all(model, processor, plan, state, _Log(config.out, log, is_main), on_batch)
         if not is_main:
             return None
-        # the summary covers every policy run into OUT, the earlier ones first
-        everything = replace(plan, policies=earlier + [p for p in plan.policies if p not in earlier])
         samples = merge_samples(config.out, everything.order())
         summary = summarize(everything, samples)
         summary["processes"] = world
