@@ -105,7 +105,6 @@ def policy_list(text: str) -> list[str]:
 
 def writable_file(path, flag: str) -> None:
     """Refuse (InputError) an output file path that is a directory or lies where nothing can be written."""
-    import os
     from pathlib import Path
 
     from ..errors import InputError
@@ -113,29 +112,11 @@ def writable_file(path, flag: str) -> None:
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{flag} {str(path)!r} is a directory; give a file path")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise InputError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {str(path)!r}: no permission to write in {str(parent)!r}")
+    writable_dir(path.parent, flag)
 
 
 def writable_dir(path, flag: str) -> None:
     """Refuse (InputError) an output folder that is a file, lies under a file, or cannot be written."""
-    import os
-    from pathlib import Path
+    from ..evaluation.run_dir import check_writable
 
-    from ..errors import InputError
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise InputError(f"{flag} {str(path)!r} is a file, not a folder")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(f"{flag} {str(path)!r}: {str(probe)!r} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"{flag} {str(path)!r}: no permission to write in {str(probe)!r}")
+    check_writable(path, flag)

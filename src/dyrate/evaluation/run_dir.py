@@ -25,18 +25,19 @@ LOCK_FILE = ".lock"
 RUN_FILE = "run.json"
 
 
-def check_writable(out: Path) -> None:
-    """InputError if OUT is a file, lies under a file, or its nearest existing folder is not writable."""
+def check_writable(out: Path, flag: str = "--out") -> None:
+    """InputError if the folder `out` is a file, lies under a file, or its nearest existing folder
+    is not writable (`flag` names it in the message)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise InputError(f"--out {str(out)!r} is a file, not a folder")
+        raise InputError(f"{flag} {str(out)!r} is a file, not a folder")
     probe = out
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise InputError(f"--out {str(out)!r}: {str(probe)!r} is a file, not a folder")
+        raise InputError(f"{flag} {str(out)!r}: {str(probe)!r} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise InputError(f"--out {str(out)!r}: no permission to write in {str(probe)!r}")
+        raise InputError(f"{flag} {str(out)!r}: no permission to write in {str(probe)!r}")
 
 
 class RunLock:
