@@ -278,3 +278,45 @@ def test_decide_prefill_is_fastv_at_the_prefills_rate(tiny, images, prompts, tmp
     rates = {e["rate"][0] for r in run(tiny, images, prompts, f"{ARCH_POLICY[arch]}:k={K},predictor={step_path}", mode)
              for e in r.trace}
     assert len(rates) > 1, rates  # the test predictor is not constant: deciding once is what made the rows equal
+
+
+@pytest.mark.parametrize("arch", ["mlp", "gru"])
+def test_decide_shrink_decides_every_step_and_only_shrinks_in_evict(tiny, images, prompts, tmp_path, arch):
+    """decide "shrink": a probe at every step; in evict mode the kept count of layer K at step t is the
+    running minimum of the counts the predictor asked for (the kept set never grows back), and each
+    row of a batch equals the row alone."""
+    from dyrate.rates import keep_count
+
+    pred = new_predictor(arch, k=K, history=4, model=tiny[0], features=("shares", "step"), seed=7, rank="prefill",
+                         decide="shrink")
+    with torch.no_grad():  # spread the logits so the argmax moves with the shares and the step
+        for p in pred.parameters():
+            p.mul_(40.0)
+    path = write(pred, tmp_path / "shrink.safetensors")
+    policy = f"{ARCH_POLICY[arch]}:k={K},predictor={path}"
+    assert parse_policy(policy).decode_probe is True
+    batch = run(tiny, images, prompts, policy, "evict", max_new_tokens=12)
+    asked_varies, regrowth_refused = False, False
+    for i, res in enumerate(batch):
+        n_img = res.trace[0]["kept"][0]
+        asked = [keep_count(e["rate"][0], n_img) for e in res.trace]
+        kept = [e["kept"][K] for e in res.trace]
+        assert kept == [min(asked[: t + 1]) for t in range(len(asked))], (asked, kept)
+        asked_varies |= len(set(asked)) > 1
+        regrowth_refused |= any(asked[t] > kept[t] for t in range(len(asked)))
+        [alone] = run(tiny, images[i:], prompts[i:], policy, "evict", n=1, max_new_tokens=12)
+        assert alone.token_ids == res.token_ids
+    assert asked_varies and regrowth_refused  # the test predictor is not constant, and asked to grow back once
+
+
+def test_shrink_labels_are_suffix_minima():
+    from dyrate.learn.oracle import oracle_from_kls, prompt_oracle_from_kls, shrink_oracle_from_kls
+
+    gen = torch.Generator().manual_seed(0)
+    kls = torch.rand(7, 10, generator=gen).cumsum(1) * 0.01  # KL grows with the bin
+    kls[:, 0] = 0.0
+    per_step = oracle_from_kls(kls, 0.02)
+    shrink = shrink_oracle_from_kls(kls, 0.02)
+    assert shrink.tolist() == [min(per_step[t:].tolist()) for t in range(7)]
+    assert all(a <= b for a, b in zip(shrink.tolist(), shrink.tolist()[1:]))  # prunes more as the answer goes on
+    assert int(shrink[0]) == int(prompt_oracle_from_kls(kls, 0.02)[0])  # step 0: the per-prompt budget

@@ -442,3 +442,24 @@ def test_decide_prefill_training(tiny, tiny_dir, images, prompts, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "decide=prefill" in err[0], err
 
+
+
+def test_decide_shrink_training(tiny, images, prompts, tmp_path):
+    """decide=shrink labels every step with the suffix minimum of the per-step oracle bins (step 0:
+    the per-prompt budget) and trains on all of them; the file records the decision."""
+    from dyrate.learn.oracle import oracle_from_kls, prompt_oracle_from_kls
+    from dyrate.learn.train import build_cache
+
+    model, processor = tiny
+    cfg = TrainConfig(arch="gru", k=K, lam=0.0, objective="oracle", oracle_kl=1e-3, rank="prefill", decide="shrink",
+                      steps=3, batch=2, features=("shares", "hidden", "step"), history=3)
+    cache = build_cache(model, processor, samples_of(images, prompts), cfg, max_new_tokens=6)
+    for c in cache:
+        per_step = oracle_from_kls(c.bin_kl, 1e-3).tolist()
+        assert c.oracle.tolist() == [min(per_step[t:]) for t in range(c.n_steps)]
+        assert int(c.oracle[0]) == int(prompt_oracle_from_kls(c.bin_kl, 1e-3)[0])
+    out = train(model, processor, samples_of(images, prompts), cfg, tmp_path / "s.safetensors", progress=False,
+                cache=cache)
+    assert load_predictor(out["out"]).config.decide == "shrink"
+    with pytest.raises(Exception, match="decide=shrink"):
+        TrainConfig(lam=0.0, objective="oracle", rank="step", decide="shrink")

@@ -49,10 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", choices=("step", "prefill"), default="step",
                    help="what ranks the image tokens a bin keeps: each step's probe (default, docs/design.md) or the "
                         "prefill's, as FastV (our extension; stored in the file, used at inference)")
-    p.add_argument("--decide", choices=("step", "prefill"), default="step",
-                   help="a rate at every step (default, DyRate) or one rate per prompt, picked at prefill and kept "
-                        "(our extension: a learned per-image FastV rate; needs --objective oracle --rank prefill; the "
-                        "label is the most pruning that keeps every answer step's KL <= --oracle-kl)")
+    p.add_argument("--decide", choices=("step", "prefill", "shrink"), default="step",
+                   help="step: a rate at every step (default, DyRate); prefill: one rate per prompt, picked at prefill "
+                        "and kept (a learned per-image FastV rate); shrink: a rate at every step for the rest of the "
+                        "answer, for evict mode (labels: the most pruning that keeps this and every later step's KL "
+                        "<= --oracle-kl). prefill and shrink are our extensions and need --objective oracle --rank prefill")
     p.add_argument("--hidden-feature", action="store_true",
                    help="also feed the newest token's hidden state after layer K-1 (RMS-normalised) to the predictor "
                         "(our extension: it tells which token comes next)")

@@ -34,7 +34,7 @@ class TrainConfig:
     # or "oracle": cross-entropy to each step's oracle bin (the most pruning whose KL stays <= oracle_kl)
     oracle_kl: float = 0.02
     rank: str = "step"  # image-token ranking: each step's probe ("step") or the prefill's ("prefill")
-    decide: str = "step"  # a rate per step, or one per prompt at prefill ("prefill": oracle objective only)
+    decide: str = "step"  # a rate per step, one per prompt at prefill ("prefill"), or a shrinking one ("shrink")
 
     def __post_init__(self):
         self.features = tuple(self.features)
@@ -42,9 +42,9 @@ class TrainConfig:
             raise InputError(f"rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
         if self.decide not in DECIDES:
             raise InputError(f"decide must be one of {', '.join(DECIDES)}, got {self.decide!r}")
-        if self.decide == "prefill" and (self.objective != "oracle" or self.rank != "prefill"):
-            raise InputError("decide=prefill (one rate per prompt) needs the oracle objective and rank=prefill "
-                             "(the prefill's kept set serves every step)")
+        if self.decide in ("prefill", "shrink") and (self.objective != "oracle" or self.rank != "prefill"):
+            raise InputError(f"decide={self.decide} needs the oracle objective and rank=prefill "
+                             "(its labels are measured under the prefill's ranking, which evict mode keeps)")
         if self.objective not in OBJECTIVES:
             raise InputError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if (self.lam is None) == (self.target_keep is None):

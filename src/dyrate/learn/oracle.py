@@ -1,5 +1,7 @@
 """Oracle labels: for every response step, the most pruning whose next-token KL to the full model
-stays under a threshold (objective `oracle`), or one such rate per prompt (`decide prefill`)."""
+stays under a threshold (objective `oracle`), one such rate per prompt (`decide prefill`), or per
+step the most pruning every *later* step can bear too (`decide shrink`: the kept set of evict
+mode only shrinks, so a step's decision must serve the rest of the answer)."""
 
 from __future__ import annotations
 
@@ -44,6 +46,17 @@ def prompt_oracle_from_kls(kls: torch.Tensor, max_kl: float) -> torch.Tensor:
     return oracle_from_kls(kls.max(dim=0, keepdim=True).values, max_kl)  # (1, bins) worst step per bin
 
 
+def shrink_oracle_from_kls(kls: torch.Tensor, max_kl: float) -> torch.Tensor:
+    """(T,) long: for every step t the smallest oracle bin of steps t..T-1 (a suffix minimum, so
+    non-decreasing in t): in kept tokens, the largest need of the rest of the answer. Step 0's label
+    is the per-prompt oracle (`prompt_oracle_from_kls`); later ones prune more as the needs fall."""
+    per_step = oracle_from_kls(kls, max_kl)  # (T,)
+    return per_step.flip(0).cummin(0).values.flip(0)
+
+
+LABELS = {"step": oracle_from_kls, "prefill": prompt_oracle_from_kls, "shrink": shrink_oracle_from_kls}
+
+
 def oracle_bins(model, c: Cached, bins: int, k: int, eps: float, max_kl: float) -> torch.Tensor:
     """(T,) long oracle bins of one sequence (the target of the "oracle" objective)."""
     return oracle_from_kls(bin_kls(model, c, bins, k, eps), max_kl)
@@ -52,7 +65,7 @@ def oracle_bins(model, c: Cached, bins: int, k: int, eps: float, max_kl: float) 
 def label_oracle(model, cache: list[Cached], cfg: TrainConfig, log: Callable[[str], None] | None = None) -> None:
     """Set every sequence's oracle bins at cfg.oracle_kl (the per-bin KLs are computed once and kept)."""
     t0 = time.time()
-    label = prompt_oracle_from_kls if cfg.decide == "prefill" else oracle_from_kls
+    label = LABELS[cfg.decide]
     for c in cache:
         if c.bin_kl is None or c.bin_kl.shape[1] != cfg.bins or c.bin_kl_rank != cfg.rank:
             c.bin_kl, c.bin_kl_rank = bin_kls(model, c, cfg.bins, cfg.k, cfg.eps, cfg.rank), cfg.rank
@@ -60,7 +73,7 @@ def label_oracle(model, cache: list[Cached], cfg: TrainConfig, log: Callable[[st
     if log:
         bins = torch.cat([c.oracle for c in cache])
         keep = mask_bank(cfg.bins, len(cache[0].img_cols)).float().mean(1)[bins].mean()
-        what = "per prompt, every step" if cfg.decide == "prefill" else "per step"
+        what = {"prefill": "per prompt, every step", "step": "per step", "shrink": "per step, for the rest of the answer"}[cfg.decide]
         log(f"oracle bins ({what} KL <= {cfg.oracle_kl}): mean bin {bins.float().mean():.2f}, kept fraction {keep:.3f}, "
             f"histogram {torch.bincount(bins, minlength=cfg.bins).tolist()} ({time.time() - t0:.1f} s)")
 

@@ -17,9 +17,12 @@ Ranking (`rank`): the image tokens a bin keeps are the top of each step's probe 
 docs/design.md) or of the prefill's probe, the last prompt token's, as FastV ranks (`prefill`, our
 extension: with it only the count varies from step to step). Training and inference use the same.
 
-Decision (`decide`): a rate at every step (`step`, DyRate) or one rate per prompt, picked at prefill
+Decision (`decide`): a rate at every step (`step`, DyRate); one rate per prompt, picked at prefill
 from the last prompt token's probe and kept for the whole answer (`prefill`, our extension: a
-learned per-image FastV rate, which evict mode turns into a smaller prefill and KV cache).
+learned per-image FastV rate, which evict mode turns into a smaller prefill and KV cache); or a
+rate at every step trained to serve the rest of the answer (`shrink`, our extension, for evict
+mode: its labels are suffix minima of the per-step oracle bins, so the prefill keeps the
+prompt's budget and the kept set shrinks as the answer proceeds; docs/design.md, "Rates that save").
 
 A predictor file is one safetensors file: the weights, plus a JSON object under the header's
 `dyrate` metadata key (arch, bins, probe layer k, features, history, hidden size and the model
@@ -41,7 +44,7 @@ from ..errors import CheckpointError, PolicySpecError
 ARCHS = ("mlp", "gru")
 EXTRA_FEATURES = ("step", "hidden")
 RANKS = ("step", "prefill")
-DECIDES = ("step", "prefill")
+DECIDES = ("step", "prefill", "shrink")
 META_KEY = "dyrate"
 FORMAT_VERSION = 1
 
@@ -95,7 +98,7 @@ class PredictorConfig:
     fingerprint: dict | None = None  # model_fingerprint() of the model it was trained for
     model_dim: int = 0  # the decoder's hidden size (feature `hidden` only)
     rank: str = "step"  # which probe ranks the image tokens: each step's ("step") or the prefill's ("prefill")
-    decide: str = "step"  # a rate at every step ("step") or one per prompt at prefill ("prefill")
+    decide: str = "step"  # a rate at every step ("step"), one per prompt at prefill ("prefill"), or a shrinking one ("shrink")
 
     def __post_init__(self):
         if self.arch not in ARCHS:

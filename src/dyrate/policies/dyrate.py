@@ -5,7 +5,9 @@ bin of the predicted distribution instead of the argmax: the lowest bin whose cu
 probability reaches Q, a knob between quality and cost that needs no retraining.
 `dyrate:k=K,predictor=FILE` uses an MLP on the current share vector; `dyrate-rnn` (dyrate_rnn.py)
 a GRU over the last N share vectors. A predictor file with `decide: prefill` (our extension) picks
-one rate per prompt at prefill and keeps it: no probe at decode steps, as FastV. Without
+one rate per prompt at prefill and keeps it: no probe at decode steps, as FastV; one with
+`decide: shrink` (our extension) decides at every step for the rest of the answer, the way evict
+mode's shrinking kept set needs. Without
 predictor=, the predictor shipped for the built-in testbed model is used (`dyrate.assets`).
 
 The predictor file (see `dyrate.learn.predictors`) is read when the policy is built. Checks: its arch, its
@@ -62,7 +64,7 @@ class DyRate(Policy):
 
     @property
     def decode_probe(self) -> bool:  # type: ignore[override]
-        return self.net.config.decide == "step"  # "prefill": the prefill's rate holds for the answer
+        return self.net.config.decide != "prefill"  # "prefill": the prefill's rate holds for the answer
 
     @property
     def bins(self) -> int:
