@@ -79,9 +79,9 @@ def main() -> None:
     labels = [label for _, _, label, _ in TASKS]
     base = results.get(next(iter(results)))
     lines = [
-        "| policy | " + " | ".join(labels) + " | mean rel. | retained % | retained % VQA / POPE | " +
-        " | ".join(f"FLOPs {c} %" for c in CONVENTIONS) + " | latency ms |",
-        "|---|" + "---:|" * (len(labels) + 3 + len(CONVENTIONS) + 1),
+        "| policy | " + " | ".join(labels) + " | mean rel. | min rel. | retained % | retained % VQA / POPE | " +
+        " | ".join(f"FLOPs {c} %" for c in CONVENTIONS) + " | KV MiB mean / peak | latency ms |",
+        "|---|" + "---:|" * (len(labels) + 4 + len(CONVENTIONS) + 2),
     ]
     table = []
     for policy, cols in results.items():
@@ -89,7 +89,13 @@ def main() -> None:
         rel = [v / base[label]["value"] for v, label in zip(vals, labels) if v is not None and base[label]["value"]]
         caption = cols["obj F1"]  # cost columns: the caption run (longest answers)
         cost = {c: caption["flops"][c]["ratio"] for c in CONVENTIONS}
+        # KV bytes on the mixed workload: every run's rows (captions, VQA, the POPE splits), row-weighted
+        one_per_run = {file: cols[label] for _, file, label, _ in TASKS}.values()  # (captions give two columns)
+        kv_rows = [(r["kv_bytes"], r["scored"]) for r in one_per_run if r.get("kv_bytes")]
+        n_kv = sum(n for _, n in kv_rows)
+        kv = {k: sum(v[k] * n for v, n in kv_rows) / n_kv for k in ("mean", "peak")} if n_kv else None
         row = {"policy": policy, **dict(zip(labels, vals)), "mean_rel": sum(rel) / len(rel) if rel else None,
+               "min_rel": min(rel) if rel else None, "kv_bytes": kv,
                "retained": caption["retained"], **{f"flops_{c}": v for c, v in cost.items()},
                "latency_ms": 1000 * caption["latency_s"],
                # a per-step rate keeps a different share on one-word answers than on captions
@@ -98,16 +104,19 @@ def main() -> None:
         table.append(row)
         lines.append(
             f"| `{policy}` | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
-            + f" | {row['mean_rel']:.3f} | {100 * row['retained']:.1f} | "
+            + f" | {row['mean_rel']:.3f} | {row['min_rel']:.3f} | {100 * row['retained']:.1f} | "
             + f"{100 * row['retained_vqa']:.1f} / {100 * row['retained_pope']:.1f} | "
-            + " | ".join(f"{100 * cost[c]:.1f}" for c in CONVENTIONS) + f" | {row['latency_ms']:.1f} |"
+            + " | ".join(f"{100 * cost[c]:.1f}" for c in CONVENTIONS)
+            + (f" | {kv['mean'] / 2**20:.3f} / {kv['peak'] / 2**20:.3f}" if kv else " | -")
+            + f" | {row['latency_ms']:.1f} |"
         )
     md = "\n".join(lines) + "\n"
     note = (f"\nmode {args.mode}, decoding {decoding or 'greedy'}; captions: {args.captions} rows, VQA and each POPE "
             f"split: {args.questions} rows; cost columns from the caption run (retained image tokens, mean over pruned "
             "layers and steps; the VQA run's and the mean of the POPE runs' beside it; FLOPs ratios to the "
-            "unpruned model, decoder only, FFN 2dm); mean rel. = mean over "
-            "the quality columns of the ratio to the first policy.\n")
+            "unpruned model, decoder only, FFN 2dm); mean rel. / min rel. = mean / smallest over the quality "
+            "columns of the ratio to the first policy; KV: the bytes a row's KV cache holds, its mean over the steps "
+            "and its peak, averaged over every run's rows (captions and questions: the mixed workload).\n")
     (out / "table.md").write_text(md + note)
     (out / "table.json").write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
     plot(table, out / "pareto.png")

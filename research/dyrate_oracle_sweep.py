@@ -7,7 +7,7 @@ once and then trains one predictor per (KL threshold D, feature set, arch), each
 `dyrate train-predictor --objective oracle --oracle-kl D --lambda 0 [--hidden-feature] [--rank R]` would on
 the same samples. Prints the oracle histogram per D and writes OUT/<arch>-<features>-kl<D>.safetensors
 plus OUT/sweep.json (file names: <arch>-<features>-<rank>-kl<D>; with --decide prefill, one label and
-one rate per prompt: <arch>-<features>-<rank>-once-kl<D>).
+one rate per prompt: <arch>-<features>-<rank>-once-kl<D>; with --decide shrink: ...-shrink-kl<D>).
 
     python research/dyrate_oracle_sweep.py --out runs/sweep --samples 384 --kl 0.005,0.02 \\
         --features shares,shares+hidden --arch mlp [--rank prefill] [--model DIR] [--threads 2]
@@ -48,8 +48,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--hidden", type=int, default=32, help="predictor hidden size")
     ap.add_argument("--rank", default="step", choices=("step", "prefill"), help="image-token ranking (see train-predictor)")
-    ap.add_argument("--decide", default="step", choices=("step", "prefill"),
-                    help="a rate per step, or one per prompt at prefill (needs --rank prefill; see train-predictor)")
+    ap.add_argument("--decide", default="step", choices=("step", "prefill", "shrink"),
+                    help="a rate per step, one per prompt at prefill, or a shrinking one (prefill, shrink: need --rank prefill; see train-predictor)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -78,7 +78,7 @@ def main() -> None:
                 cfg = TrainConfig(**base, oracle_kl=d, arch=arch, features=features)
                 label_oracle(model, cache, cfg, log)
                 labels = torch.cat([c.oracle for c in cache])
-                once = "-once" if args.decide == "prefill" else ""
+                once = {"step": "", "prefill": "-once", "shrink": "-shrink"}[args.decide]
                 path = out / f"{arch}-{feats.replace('+', '-')}-{args.rank}{once}-kl{d:g}.safetensors"
                 for stale in (path, path.with_name(path.stem + ".train-state.safetensors")):
                     stale.unlink(missing_ok=True)  # a fresh run, not a resume

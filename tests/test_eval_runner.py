@@ -261,7 +261,7 @@ def test_caption_run_on_testbed_data(tmp_path, tiny):
     rows = _rows(out)
     assert len(rows) == 9 and [r["policy"] for r in rows[:3]] == ["none", "fastv:k=2,r=0.5", "vtw:k=2"]
     first = rows[0]
-    assert set(first) == {"id", "policy", "mode", "prediction", "n_tokens", "retained", "flops", "error"}
+    assert set(first) == {"id", "policy", "mode", "prediction", "n_tokens", "retained", "kv_bytes", "flops", "error"}
     assert first["flops"]["prefill"]["ratio"] == 1.0 and first["retained"] == 1.0
     by_policy = {p["policy"]: p for p in summary["policies"]}
     assert set(by_policy["none"]["metrics"]) >= {"object_f1", "object_precision", "object_recall"}

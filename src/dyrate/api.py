@@ -79,6 +79,7 @@ class GenerationResult:
     policy: str = ""
     mode: str = "evict"
     stats: dict[str, Any] = field(default_factory=dict)
+    kv_bytes: dict[str, float] = field(default_factory=dict)  # the row's KV cache over the steps: mean, peak
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +122,7 @@ def generate(
         )
     check_request(model, len(prompts), n_prompt + opts.max_new_tokens, opts.num_beams)
     shape = flops_model.DecoderShape.from_config(model.config)
+    elem = next(model.parameters()).element_size()  # KV entries are stored in the weights' dtype
     eos, pad = _special_ids(model, processor)
     with torch.inference_mode():
         outputs, state = generate_tokens(engine, input_ids, batch.attention_mask, batch.pixel_values, opts, eos, pad)
@@ -129,9 +131,9 @@ def generate(
         row_groups = state.group[out.steps[0] if out.steps else i, : input_ids.shape[1]]
         n_img = int((row_groups == IMG).sum())
         n_text = int(((row_groups != IMG) & (row_groups != PAD)).sum())
-        trace, fl, retained = row_trace(engine, state.records, out.steps, shape, n_img, n_text)
+        trace, fl, retained, kv = row_trace(engine, state.records, out.steps, shape, n_img, n_text, elem)
         text = processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        results.append(GenerationResult(text, out.token_ids, trace, fl, retained, pol.spec(), mode))
+        results.append(GenerationResult(text, out.token_ids, trace, fl, retained, pol.spec(), mode, kv_bytes=kv))
     return results
 
 

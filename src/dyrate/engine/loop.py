@@ -46,6 +46,7 @@ class Segment:
         self.start, self.end = start, end  # first decoder layer, one past the last
         self.n_keys: torch.Tensor | None = None  # (B,) attended keys, kept up to date (see Engine._recount)
         self.n_img: torch.Tensor | None = None  # (B,) attended image keys
+        self.n_stored: torch.Tensor | None = None  # (B,) valid slots: the KV entries this row's cache holds
         self.set_slots(col, valid, attend)
 
     def set_slots(self, col: torch.Tensor, valid: torch.Tensor, attend: torch.Tensor, spare: int = 32) -> None:
@@ -86,11 +87,12 @@ class Segment:
         self._col[:, self.n] = new_col
         self.n += 1
         self.n_keys = self.n_keys + 1  # a generated token is never an image token
+        self.n_stored = self.n_stored + 1
 
     def reorder(self, index: torch.Tensor) -> None:
         self._col, self._valid, self._attend = self._col[index], self._valid[index], self._attend[index]
         self._groups = self._groups[index]
-        self.n_keys, self.n_img = self.n_keys[index], self.n_img[index]
+        self.n_keys, self.n_img, self.n_stored = self.n_keys[index], self.n_img[index], self.n_stored[index]
 
 
 @dataclass
@@ -190,12 +192,12 @@ class Engine:
     # ------------------------------------------------------------------ internals
     def _new_record(self, b: int, device) -> dict:
         """One forward pass's record: per segment (lists, one entry per segment) the queries run (an
-        int, or (B,) long at prefill), the attended keys and image keys ((B,) long, the segment's
-        own counters: they are replaced, never modified, so a reference is a snapshot); per stage
+        int, or (B,) long at prefill), the attended keys, attended image keys and stored KV entries
+        ((B,) long, the segment's own counters: they are replaced, never modified, so a reference is a snapshot); per stage
         the share vector (B, n_stage, 4) and the rate (B, n_stage), NaN where nothing was decided."""
         n_stage = len(self.stages)
         return {
-            "queries": [], "keys": [], "img": [],
+            "queries": [], "keys": [], "img": [], "stored": [],
             "shares": torch.full((b, n_stage, 4), float("nan"), device=device),
             "rate": torch.full((b, n_stage), float("nan"), device=device),
         }
@@ -224,6 +226,7 @@ class Engine:
         record["queries"].append(1 if q == 1 else seg.valid[:, -q:].sum(1))
         record["keys"].append(seg.n_keys)
         record["img"].append(seg.n_img)
+        record["stored"].append(seg.n_stored)
         return hidden, (request.row if request is not None else None)
 
     @staticmethod
@@ -292,6 +295,7 @@ class Engine:
         seg.groups = g.masked_fill(~seg.valid, PAD)  # (B, S)
         seg.n_keys = seg.attend.sum(1)
         seg.n_img = ((seg.groups == IMG) & seg.attend).sum(1)
+        seg.n_stored = seg.valid.sum(1)
         return seg
 
     def _next_segment_prefill(self, state, prev: Segment, hidden, row, s, record, start, end):

@@ -59,7 +59,8 @@ def markdown(summary: dict) -> str:
     head = ["policy"] + [c[1] for c in cols]
     if summary.get("baseline"):
         head.append(f"{_label(primary)} / none")
-    head += ["FLOPs prefill %", "FLOPs cached %", "FLOPs nocache %", "retained %", "latency s", "scored", "errors"]
+    head += ["FLOPs prefill %", "FLOPs cached %", "FLOPs nocache %", "retained %", "KV MiB mean / peak", "latency s",
+             "scored", "errors"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
     for p in summary["policies"]:
@@ -68,7 +69,9 @@ def markdown(summary: dict) -> str:
         if summary.get("baseline"):
             cells.append(_fmt((p.get("relative") or {}).get(primary)))
         cells += [_fmt(p["flops"][c]["ratio"], 100) for c in CONVENTIONS]
-        cells += [_fmt(p["retained"], 100), _fmt(p["latency_s"]), str(p["scored"]), str(p["errors"])]
+        kv = p.get("kv_bytes") or {}
+        kv_cell = f"{kv['mean'] / 2**20:.2f} / {kv['peak'] / 2**20:.2f}" if kv else "-"
+        cells += [_fmt(p["retained"], 100), kv_cell, _fmt(p["latency_s"]), str(p["scored"]), str(p["errors"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -87,6 +90,8 @@ def markdown(summary: dict) -> str:
         }[task]
         + ". FLOPs: decoder layers, FFN as 2dm, mean of per-sample ratios to the unpruned model "
         "(conventions in docs/flops.md). Retained: image tokens attended, mean over pruned layers and steps. "
+        "KV: the bytes a row's KV cache holds (every layer's stored entries), its mean over the steps and its "
+        "peak, averaged over rows. "
         "Latency: wall time of the batched generate call divided by its rows.",
     ]
     for note in summary.get("notes", []):

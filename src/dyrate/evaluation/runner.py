@@ -364,6 +364,7 @@ def _sample(row: Row, policy: str, mode: str, res, latency: float) -> dict:
         "prediction": res.text,
         "n_tokens": len(res.token_ids),
         "retained": res.retained,
+        "kv_bytes": res.kv_bytes,
         "flops": {c: {k: res.flops[c][k] for k in ("ratio", "flops", "full_flops")} for c in CONVENTIONS},
         "latency_s": latency,
         "error": None,

@@ -58,6 +58,8 @@ def summarize(plan: Plan, samples: list[dict] | dict) -> dict:
             }
         entry["flops"] = flops
         entry["retained"] = M.mean(s["retained"] for _, s in ok)
+        kv = [s["kv_bytes"] for _, s in ok if s.get("kv_bytes")]  # (samples from before it was recorded have none)
+        entry["kv_bytes"] = {k: M.mean(x[k] for x in kv) for k in ("mean", "peak")} if kv else None
         entry["latency_s"] = M.mean(s["latency_s"] for _, s in ok)
         entry["new_tokens"] = M.mean(s["n_tokens"] for _, s in ok)
         policies.append(entry)

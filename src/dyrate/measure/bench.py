@@ -161,7 +161,7 @@ def bench(model, policies: list[str], batches: list[int], new_tokens: int = 64, 
                     progress()
         for engine, results in zip(engines, runs):
             ttft, dec, e2e, peaks, states = zip(*results)
-            _, fl, retained = row_trace(engine, states[-1].records, [0] * new_tokens, shape, n_img, n_sys + n_ins)
+            _, fl, retained, _ = row_trace(engine, states[-1].records, [0] * new_tokens, shape, n_img, n_sys + n_ins)
             rows.append(BenchRow(engine.policy.spec(), b, statistics.median(ttft),
                                  b * (new_tokens - 1) / statistics.median(dec), statistics.median(e2e),
                                  max(peaks), fl, retained))

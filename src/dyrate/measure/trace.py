@@ -18,15 +18,19 @@ def _row(value, row: int) -> list:
     return [v if isinstance(v, int) else int(v[row]) for v in value]
 
 
-def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_text: int):
-    """Per-step trace of one output row, its FLOPs in the three conventions and retained tokens.
+def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_text: int, dtype_bytes: int = 2):
+    """Per-step trace of one output row, its FLOPs in the three conventions, retained tokens and the
+    KV-cache bytes the row holds ({"mean", "peak"} over the steps, after each step's forward pass:
+    every layer's stored entries x 2 (K, V) x kv heads x head dim x `dtype_bytes`).
 
     records: the engine's per-step records; steps[t]: the engine row that produced new token t."""
     bounds, stages = engine.bounds, engine.stages
-    trace, img_per_step = [], []
+    trace, img_per_step, kv_per_step = [], [], []
+    entry_bytes = 2 * shape.n_kv_heads * shape.head_dim * dtype_bytes
     for t, row in enumerate(steps):
         rec = {k: _row(v, row) for k, v in records[t].items()}
         img_layers = [rec["img"][s] for s, (a, b) in enumerate(bounds) for _ in range(a, b)]
+        kv_per_step.append(entry_bytes * sum((b - a) * rec["stored"][s] for s, (a, b) in enumerate(bounds)))
         step_flops = sum(
             (b - a) * flops_model.layer_flops(shape, rec["queries"][s], rec["keys"][s]) for s, (a, b) in enumerate(bounds)
         )
@@ -36,6 +40,7 @@ def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_te
             "rate": [None if math.isnan(v) else v for v in rec["rate"]],
             "kept": img_layers,  # image tokens attended by each decoder layer
             "flops": step_flops,
+            "kv_bytes": kv_per_step[-1],  # the row's KV cache after this step
         })
         img_per_step.append(img_layers)
     fl = {}
@@ -46,4 +51,5 @@ def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_te
     first = stages[0] if stages else engine.adapter.n_layers
     pruned = [step[first:] for step in img_per_step if step[first:]]
     retained = (sum(map(sum, pruned)) / (len(pruned) * len(pruned[0]) * n_img)) if pruned and n_img else 1.0
-    return trace, fl, retained
+    kv = {"mean": sum(kv_per_step) / len(kv_per_step), "peak": max(kv_per_step)} if kv_per_step else {}
+    return trace, fl, retained, kv
