@@ -57,3 +57,24 @@ def test_cli_bench_json(tiny_dir, capsys):
 def test_cli_bench_bad_input(args, capsys):
     assert main(["bench", *args]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_workload_time_script(tiny_dir, tmp_path):
+    """benchmarks/workload_time.py runs end to end on a tiny model and ends with its JSON line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dyrate.testbed.data import write_dataset
+
+    write_dataset(tmp_path / "data", seed=3, n=3, image_size=32, progress=False)
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "workload_time.py"
+    run = subprocess.run([sys.executable, str(script), "--model", str(tiny_dir), "--data", str(tmp_path / "data"),
+                          "--policies", "none;fastv:k=2,r=0.75", "--captions", "2", "--questions", "2",
+                          "--batch-size", "2", "--repeats", "2", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    none, fastv = result["rows"]
+    assert result["conditions"]["rows"] == {"caption": 2, "vqa": 2, "pope": 2} and none["time_ratio"] == 1.0
+    assert len(none["times_s"]) == 2 and fastv["kv_mean"] < none["kv_mean"] and fastv["retained"] == pytest.approx(0.25)

@@ -1,0 +1,107 @@
+"""Measured wall time per row of every policy on a mixed workload (captions and questions together,
+the way a user runs them), side by side: in each repeat every policy runs the whole workload, in an
+order that rotates from repeat to repeat (so drift in the machine's speed hits every policy alike);
+the figure is the median over repeats of the workload's time divided by its rows, and the ratio
+to the first policy's. Also the mean and peak KV-cache bytes per row (dyrate.generate's kv_bytes).
+The last line of the output is one JSON object.
+
+    python benchmarks/workload_time.py --data runs/heldout300 --captions 64 --questions 64 --repeats 5 \\
+        --threads 2 --policies "none;fastv:k=2,r=0.5;dyrate:k=2,predictor=P"
+
+Workload: the first C captions (prompt "describe the image.", up to 64 new tokens), the first Q rows
+of vqa.jsonl (10 tokens) and of pope_adversarial.jsonl (5 tokens), in batches of --batch-size
+within each task, greedy. One untimed warm-up pass of every policy runs first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dyrate.adapters.inputs import read_image
+from dyrate.api import generate, load
+from dyrate.evaluation.datasets import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_NEW_TOKENS, load_dataset
+from dyrate.policies import parse_policy
+
+
+def workload(data: Path, captions: int, questions: int) -> list[tuple[str, list, list[str]]]:
+    """[(task, images, prompts)] of the mixed workload, images decoded once."""
+    out = []
+    for task, file, n in (("caption", "captions.json", captions), ("vqa", "vqa.jsonl", questions),
+                          ("pope", "pope_adversarial.jsonl", questions)):
+        if n < 1:
+            continue
+        rows = load_dataset(task, data / file, limit=n).rows
+        out.append((task, [read_image(r.image) for r in rows], [r.question or DEFAULT_CAPTION_PROMPT for r in rows]))
+    return out
+
+
+def run_policy(model, processor, work, policy: str, mode: str, batch: int) -> tuple[float, list]:
+    """(seconds for the whole workload, results)."""
+    results = []
+    start = time.perf_counter()
+    for task, images, prompts in work:
+        for i in range(0, len(prompts), batch):
+            results += generate(model, processor, images[i:i + batch], prompts[i:i + batch], policy=policy, mode=mode,
+                                max_new_tokens=DEFAULT_MAX_NEW_TOKENS[task])
+    return time.perf_counter() - start, results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint directory [the shipped testbed model]")
+    ap.add_argument("--data", required=True, help="folder from `dyrate testbed data`")
+    ap.add_argument("--policies", required=True, help="specs separated by ';' (the first is the reference)")
+    ap.add_argument("--mode", default="evict", choices=("evict", "mask"))
+    ap.add_argument("--captions", type=int, default=64)
+    ap.add_argument("--questions", type=int, default=64, help="rows of vqa.jsonl and of pope_adversarial.jsonl")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = [parse_policy(s).spec() for s in args.policies.split(";") if s.strip()]
+    model, processor = load(args.model)
+    work = workload(Path(args.data), args.captions, args.questions)
+    n_rows = sum(len(p) for _, _, p in work)
+    times: dict[str, list[float]] = {s: [] for s in specs}
+    kv: dict[str, dict] = {}
+    with torch.inference_mode():
+        for spec in specs:  # warm-up
+            run_policy(model, processor, work[:1], spec, args.mode, args.batch_size)
+        for r in range(args.repeats):
+            order = specs[r % len(specs):] + specs[: r % len(specs)]
+            for spec in order:
+                seconds, results = run_policy(model, processor, work, spec, args.mode, args.batch_size)
+                times[spec].append(seconds)
+                print(f"repeat {r + 1}/{args.repeats} {spec}: {1000 * seconds / n_rows:.1f} ms/row", file=sys.stderr)
+                kv[spec] = {k: statistics.mean(x.kv_bytes[k] for x in results) for k in ("mean", "peak")}
+                kv[spec]["retained"] = statistics.mean(x.retained for x in results)
+    ref = statistics.median(times[specs[0]])
+    rows = []
+    print(f"| policy | ms / row (median of {args.repeats}) | x {specs[0]} | KV MiB mean / peak | x KV mean | retained % |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for spec in specs:
+        med = statistics.median(times[spec])
+        rows.append({"policy": spec, "ms_per_row": 1000 * med / n_rows, "time_ratio": med / ref,
+                     "times_s": times[spec], **{f"kv_{k}": v for k, v in kv[spec].items()}})
+        print(f"| `{spec}` | {1000 * med / n_rows:.1f} | {med / ref:.3f} | {kv[spec]['mean'] / 2**20:.3f} / "
+              f"{kv[spec]['peak'] / 2**20:.3f} | {kv[spec]['mean'] / kv[specs[0]]['mean']:.3f} | "
+              f"{100 * kv[spec]['retained']:.1f} |")
+    cond = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "dtype": str(next(model.parameters()).dtype), "mode": args.mode, "batch": args.batch_size,
+            "rows": {t: len(p) for t, _, p in work}, "repeats": args.repeats, "torch": torch.__version__}
+    print(f"\nconditions: {cond}")
+    print(json.dumps({"conditions": cond, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
