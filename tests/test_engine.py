@@ -267,3 +267,51 @@ def test_decoder_layers_get_the_cache_under_their_own_name(tiny, images, prompts
         warnings.filterwarnings("error", message=".*past_key_values.*")
         _, outs, _ = run_engine(model, batch, "fastv:k=2,r=0.5", max_new_tokens=3)
     assert outs is not None
+
+
+class Shrinking(Policy):
+    """Test policy: drops one more image token at every step (a rate that shrinks a little, often)."""
+
+    name = "shrinking"
+    decode_probe = True
+
+    @property
+    def stages(self):
+        return (2,)
+
+    def keep(self, stage, probe, state):
+        return probe.n_img - 1 - probe.step
+
+
+def test_lazy_compaction_equals_eager_and_gathers_seldom(tiny, images, prompts, monkeypatch):
+    """Evict mode hides the slots a decode step drops and gathers them out of the KV cache only once
+    they are a quarter of the segment: the same tokens and kept sets as gathering at every step,
+    with fewer cache rewrites, and the cache holds exactly the valid slots."""
+    model, processor = tiny
+    batch = batch_inputs(processor, images, prompts)
+
+    def lengths_and_outputs(compact_at):
+        monkeypatch.setattr(Engine, "COMPACT_AT", compact_at)
+        engine = Engine(adapter_for(model), Shrinking(), "evict")
+        lengths = []
+        real_decode = engine.decode
+
+        def decode(state, tokens):
+            logits = real_decode(state, tokens)
+            lengths.append(state.cache.layers[2].keys.shape[2])
+            return logits
+
+        engine.decode = decode
+        with torch.inference_mode():
+            outs, state = generate_tokens(engine, batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                          GenerationOptions(max_new_tokens=10), eos=[3], pad=0)
+        seg = state.segments[1]
+        assert state.cache.layers[2].keys.shape[2] == seg.n and bool((seg.valid.sum(1) == seg.n_stored).all())
+        return lengths, outs, [kept_columns(state, 1, row) for row in range(len(prompts))]
+
+    default = Engine.COMPACT_AT
+    eager_lengths, eager, eager_kept = lengths_and_outputs(0.0)
+    lazy_lengths, lazy, lazy_kept = lengths_and_outputs(default)
+    assert [o.token_ids for o in lazy] == [o.token_ids for o in eager] and lazy_kept == eager_kept
+    rewrites = lambda ls: sum(b < a + 1 for a, b in zip(ls, ls[1:]))  # noqa: E731  (a step that did not just grow by one)
+    assert rewrites(lazy_lengths) < rewrites(eager_lengths), (lazy_lengths, eager_lengths)

@@ -14,7 +14,9 @@ Vocabulary
   Holes are always moved to the front, so the newest token of every row is the last slot.
 
 Evict mode gathers the KV cache of a segment's layers when its kept set shrinks (and, at prefill,
-drops pruned image tokens from the hidden states between layers K-1 and K). Mask mode keeps every
+drops pruned image tokens from the hidden states between layers K-1 and K); at decode steps the
+dropped slots are hidden first and gathered out once they are a quarter of the segment
+(`Engine.COMPACT_AT`). Mask mode keeps every
 slot and hides unkept image keys from the queries of layers >= K.
 
 The per-call `DecodeState` carries everything; nothing is stored on the model or the policy.
@@ -124,6 +126,12 @@ class DecodeState:
 
 class Engine:
     """Runs prefill and decode steps of a wrapped model under a policy. Stateless between calls."""
+
+    # Evict mode at decode steps: the slots a decision drops are first only hidden (like mask mode,
+    # exactly the same attention) and gathered out of every layer's KV cache once they make up this
+    # fraction of a segment's slots, so a rate that shrinks a little at many steps pays for a few
+    # gathers, not one per step. The prefill's eviction is immediate (the hidden states shrink).
+    COMPACT_AT = 0.25
 
     def __init__(self, adapter: ModelAdapter, policy: Policy, mode: str = "evict"):
         if mode not in MODES:
@@ -324,8 +332,13 @@ class Engine:
                 seg.set_attend(keep if t == s else keep & seg.attend)
                 self._recount(state, seg)
                 continue
-            if bool((keep == seg.valid).all()):
+            keep &= seg.attend  # a slot evict mode hid never comes back
+            if bool((keep == seg.attend).all()):
                 continue  # nothing leaves this segment
+            if int((seg.valid & ~keep).sum(1).max()) < self.COMPACT_AT * seg.n:
+                seg.set_attend(keep)  # few dead slots: hidden now, gathered out of the cache later
+                self._recount(state, seg)
+                continue
             index, valid = _compact(keep)  # (B, S_new)
             for layer in range(seg.start, seg.end):
                 kv = state.cache.layers[layer]
