@@ -258,23 +258,6 @@ def test_testbed_samples_answers(tiny):
         assert s.image.size == (tiny[0].config.vision_config.image_size,) * 2
 
 
-def test_straight_through_forward_is_the_hard_mask(tiny, cached):
-    """Straight-through: the value is the hard pass (one-hot bins), the gradient that of the soft one."""
-    model = tiny[0]
-    c = cached[1]
-    bank = mask_bank(10, len(c.img_cols))
-    logits = torch.randn(c.n_steps, 10, requires_grad=True)
-    p = logits.softmax(-1)
-    hard = torch.nn.functional.one_hot(p.argmax(-1), 10).float()
-    with frozen(model):
-        st = pruned_logprobs(model, c, p, bank, K, 1e-6, hard)
-        with torch.no_grad():
-            want = pruned_logprobs(model, c, hard, bank, K, 1e-6)
-        torch.testing.assert_close(st.detach(), want, atol=2e-4, rtol=1e-4)
-        st[torch.arange(c.n_steps), torch.tensor(c.response)].sum().backward()
-    assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
-
-
 def test_oracle_bins_and_objective(tiny, cached):
     """Oracle bins: every bin passes an infinite KL threshold, none a negative one, and a finite one
     gives per-step bins between; the oracle objective is the cross-entropy to them."""

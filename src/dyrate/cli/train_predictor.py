@@ -62,9 +62,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float_range(0, lo_open=True), default=3e-3, help="AdamW learning rate (default 3e-3)")
     p.add_argument("--budget-weight", type=float_range(0), default=10.0, help="weight of the --target-keep penalty (default 10)")
     p.add_argument("--tau-start", type=float_range(0, lo_open=True), default=1.0, help="Gumbel-Softmax temperature at the start (default 1)")
-    p.add_argument("--straight-through", action="store_true",
-                   help="straight-through Gumbel-Softmax: the forward pass uses the hard (argmax) bin, as inference "
-                        "does, gradients use the soft one")
     p.add_argument("--tau-end", type=float_range(0, lo_open=True), default=0.1, help="temperature at the last step (default 0.1)")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=24,
                    help="length of the greedy teacher answers, --objective kl only (default 24)")
@@ -85,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(arch=args.arch, k=args.k, bins=args.bins, history=args.history, hidden=args.hidden,
                       features=features, steps=args.steps, batch=args.batch, lr=args.lr, lam=args.lam,
                       target_keep=args.target_keep, budget_weight=args.budget_weight, tau_start=args.tau_start,
-                      tau_end=args.tau_end, straight_through=args.straight_through, seed=args.seed, objective=args.objective,
+                      tau_end=args.tau_end, seed=args.seed, objective=args.objective,
                       oracle_kl=args.oracle_kl, rank=args.rank, decide=args.decide)
     if not args.out.endswith(".safetensors"):
         raise InputError(f"--out {args.out!r} must end in .safetensors")

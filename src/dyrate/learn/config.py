@@ -27,7 +27,6 @@ class TrainConfig:
     budget_weight: float = 10.0
     tau_start: float = 1.0
     tau_end: float = 0.1
-    straight_through: bool = False  # forward the hard (one-hot) bin, backpropagate the soft one
     eps: float = 1e-6
     seed: int = 0
     objective: str = "kl"  # fit term: "kl" to the full model on its own answers, "ce" on reference answers,

@@ -44,9 +44,7 @@ def sequence_loss(model, predictor: RatePredictor, c: Cached, cfg: TrainConfig, 
         parts = {"loss": loss, "fit": fit, "kl": torch.tensor(float("nan")), "keep": keep}
         return loss, {key: float(v.detach()) for key, v in parts.items()}
     p = gumbel_softmax(logits, tau, generator)  # (T, B)
-    # straight-through: the pass sees the hard mask inference uses, gradients come from the soft one
-    hard = F.one_hot(p.argmax(-1), p.shape[-1]).to(p.dtype) if cfg.straight_through else None  # (T, B)
-    logp = pruned_logprobs(model, c, p, bank, cfg.k, cfg.eps, hard, cfg.rank)  # (T, V)
+    logp = pruned_logprobs(model, c, p, bank, cfg.k, cfg.eps, cfg.rank)  # (T, V)
     teacher = c.teacher.to(logp.device)
     kl = (teacher.exp() * (teacher - logp)).sum(-1).mean()
     if cfg.objective == "ce":

@@ -105,11 +105,10 @@ def step_hidden(c: Cached) -> torch.Tensor:
 
 
 def pruned_logprobs(model, c: Cached, p: torch.Tensor, bank: torch.Tensor, k: int, eps: float,
-                    hard: torch.Tensor | None = None, rank_by: str = "step") -> torch.Tensor:
+                    rank_by: str = "step") -> torch.Tensor:
     """Layers >= K under the soft mask of bin probabilities p (T, B): log-probabilities (T, V).
-    hard: one-hot bins (T, B) for a straight-through pass: the logits get the hard mask's bias in
-    the forward pass and the soft mask's gradient in the backward pass. rank_by: "step" (each
-    query's probe ranks the image tokens) or "prefill" (the last prompt token's, for every query)."""
+    rank_by: "step" (each query's probe ranks the image tokens) or "prefill" (the last prompt
+    token's, for every query)."""
     adapter = adapter_for(model)
     device = next(model.parameters()).device
     hidden = c.hidden.to(device)
@@ -122,9 +121,6 @@ def pruned_logprobs(model, c: Cached, p: torch.Tensor, bank: torch.Tensor, k: in
     m = soft_mask(p.to(device), rank, bank.to(device))  # (T, N_img)
     step_of = (torch.arange(length, device=device) - (n_prompt - 1)).clamp(min=0)  # (L,) step of each query
     bias = torch.log(m + eps)  # (T, N_img)
-    if hard is not None:
-        hard_bias = torch.log(soft_mask(hard.to(device), rank, bank.to(device)) + eps)
-        bias = hard_bias - bias.detach() + bias  # value: hard mask; gradient: soft mask
     add = torch.zeros(length, length, device=device, dtype=m.dtype)
     add[:, img] = bias[step_of]  # (L, N_img): prompt queries use the step-0 mask
     add[img, img] = 0.0  # an image token always sees itself (engine: the query's own slot)

@@ -92,8 +92,10 @@ def _load_state(path: Path, predictor: RatePredictor, opt: torch.optim.Optimizer
     if step > cfg.steps:
         raise CheckpointError(f"{path}: the training state is at step {step}, past --steps {cfg.steps}; "
                               "give --steps >= it, or delete the state to start afresh")
-    saved = {"objective": "kl", "straight_through": False, "oracle_kl": 0.02, "rank": "step", "decide": "step",
-             **{k: v for k, v in m["config"].items() if k != "steps"}}  # older states
+    saved = {"objective": "kl", "oracle_kl": 0.02, "rank": "step", "decide": "step",  # older states
+             **{k: v for k, v in m["config"].items() if k != "steps"}}
+    if saved.get("straight_through") is False:  # an option retired in session 7; off, it changed nothing
+        del saved["straight_through"]
     here = {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k != "steps"}
     if saved != here:
         diff = ", ".join(f"{k}={saved.get(k)} (now {here[k]})" for k in here if saved.get(k) != here[k])
