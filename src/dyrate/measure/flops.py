@@ -166,6 +166,16 @@ def _check_count(value, what: str) -> int:
     return value
 
 
+def _check_counts(values: list, name) -> list[int]:
+    """`_check_count` for a whole list at once (the cheap test first: this runs for every step of
+    every generated row); name(i) names entry i in the message about the first bad one."""
+    if not (all(type(v) is int for v in values) and min(values, default=0) >= 0
+            and max(values, default=0) <= MAX_TOKENS):
+        for i, v in enumerate(values):
+            _check_count(v, name(i))
+    return values
+
+
 def layer_flops(shape: DecoderShape, q: int, n: int, ffn: str = "2dm") -> int:
     """FLOPs of one decoder layer where q new tokens attend to n keys:
     ``q (4 d^2 + 2 d m) + 2 q n d`` (``3 d m`` with ``ffn="3dm"``)."""
@@ -188,9 +198,11 @@ def forward_flops(
     shape: DecoderShape, q_per_layer: int | Sequence[int], n_per_layer: int | Sequence[int], ffn: str = "2dm"
 ) -> int:
     """FLOPs of one forward pass: ``layer_flops`` summed over layers (an int is used for every layer)."""
-    qs = _per_layer(shape, q_per_layer, "queries per layer")
-    ns = _per_layer(shape, n_per_layer, "keys per layer")
-    return sum(layer_flops(shape, q, n, ffn) for q, n in zip(qs, ns))
+    c = _check_ffn(ffn)
+    qs = _check_counts(_per_layer(shape, q_per_layer, "queries per layer"), lambda i: f"queries of layer {i}")
+    ns = _check_counts(_per_layer(shape, n_per_layer, "keys per layer"), lambda i: f"keys of layer {i}")
+    d, m = shape.hidden, shape.ffn  # = sum of layer_flops(q, n) over the layers, in one pass
+    return (4 * d * d + c * d * m) * sum(qs) + 2 * d * sum(q * n for q, n in zip(qs, ns))
 
 
 def _steps_needed(convention: str, new_tokens: int) -> int:
@@ -215,9 +227,7 @@ def _image_steps(shape: DecoderShape, image_tokens, steps: int) -> list[list[int
     per_step = []
     for t, layers in enumerate(given):
         layers = _per_layer(shape, layers, f"image tokens of step {t}")
-        for layer, count in enumerate(layers):
-            _check_count(count, f"image tokens of layer {layer} at step {t}")
-        per_step.append(layers)
+        per_step.append(_check_counts(layers, lambda i, t=t: f"image tokens of layer {i} at step {t}"))
     return per_step if len(per_step) == steps else per_step * steps
 
 
