@@ -9,7 +9,7 @@ from dyrate.adapters import adapter_for
 from dyrate.adapters.inputs import encode
 from dyrate.engine import Engine, GenerationOptions, generate_tokens
 from dyrate.measure.flops import DecoderShape
-from dyrate.measure.trace import row_trace
+from dyrate.measure.trace import host_records, row_trace
 from dyrate.policies import parse_policy
 
 
@@ -26,7 +26,7 @@ def test_trace_kv_bytes_equal_the_cache(tiny, images, prompts, spec, mode):
     shape = DecoderShape.from_config(model.config)
     groups = state.group[0, : batch.input_ids.shape[1]]
     n_img = int((groups == 1).sum())
-    trace, _, _, kv = row_trace(engine, state.records, out.steps, shape, n_img, len(groups) - n_img,
+    trace, _, _, kv = row_trace(engine, host_records(state.records), out.steps, shape, n_img, len(groups) - n_img,
                                 next(model.parameters()).element_size())
     held = sum(layer.keys.nbytes + layer.values.nbytes for layer in state.cache.layers)
     # the cache after the last forward pass holds the prompt and every new token but the last one

@@ -20,7 +20,7 @@ from .adapters.inputs import IMAGE_PLACEHOLDER, build_prompt, encode, read_image
 from .engine import Engine, GenerationOptions, generate_tokens
 from .errors import CheckpointError, InputError
 from .measure import flops as flops_model
-from .measure.trace import row_trace
+from .measure.trace import host_records, row_trace
 from .policies import Policy, parse_policy
 
 __all__ = ["IMAGE_PLACEHOLDER", "GenerationResult", "build_prompt", "check_request", "generate", "load", "read_image"]
@@ -126,12 +126,13 @@ def generate(
     eos, pad = _special_ids(model, processor)
     with torch.inference_mode():
         outputs, state = generate_tokens(engine, input_ids, batch.attention_mask, batch.pixel_values, opts, eos, pad)
+    records = host_records(state.records)
     results = []
     for i, out in enumerate(outputs):
         row_groups = state.group[out.steps[0] if out.steps else i, : input_ids.shape[1]]
         n_img = int((row_groups == IMG).sum())
         n_text = int(((row_groups != IMG) & (row_groups != PAD)).sum())
-        trace, fl, retained, kv = row_trace(engine, state.records, out.steps, shape, n_img, n_text, elem)
+        trace, fl, retained, kv = row_trace(engine, records, out.steps, shape, n_img, n_text, elem)
         text = processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         results.append(GenerationResult(text, out.token_ids, trace, fl, retained, pol.spec(), mode, kv_bytes=kv))
     return results

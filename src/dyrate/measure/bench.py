@@ -23,7 +23,7 @@ from ..adapters import adapter_for
 from ..engine import Engine
 from ..errors import InputError
 from ..policies import parse_policy
-from .trace import row_trace
+from .trace import host_records, row_trace
 
 # Random-weight configs: (vision tower, decoder, vocab). The LLaVA-1.5 ones are shape-faithful
 # (CLIP ViT-L/14 at 336 px -> 576 image tokens; Vicuna-7B / 13B decoders).
@@ -161,7 +161,7 @@ def bench(model, policies: list[str], batches: list[int], new_tokens: int = 64, 
                     progress()
         for engine, results in zip(engines, runs):
             ttft, dec, e2e, peaks, states = zip(*results)
-            _, fl, retained, _ = row_trace(engine, states[-1].records, [0] * new_tokens, shape, n_img, n_sys + n_ins)
+            _, fl, retained, _ = row_trace(engine, host_records(states[-1].records), [0] * new_tokens, shape, n_img, n_sys + n_ins)
             rows.append(BenchRow(engine.policy.spec(), b, statistics.median(ttft),
                                  b * (new_tokens - 1) / statistics.median(dec), statistics.median(e2e),
                                  max(peaks), fl, retained))

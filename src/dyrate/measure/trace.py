@@ -11,11 +11,21 @@ from ..adapters import GROUPS
 from ..engine import Engine
 
 
-def _row(value, row: int) -> list:
-    """One row of a record entry: a (B, ...) tensor, or a per-segment list of ints / (B,) tensors."""
-    if torch.is_tensor(value):
-        return value[row].tolist()
-    return [v if isinstance(v, int) else int(v[row]) for v in value]
+def host_records(records: list[dict]) -> list[dict]:
+    """The engine's records with every tensor turned into Python lists, once for the whole batch (a
+    per-row lookup in a tensor costs more than the row's arithmetic)."""
+    return [{k: v.tolist() if torch.is_tensor(v) else [x if isinstance(x, int) else x.tolist() for x in v]
+             for k, v in rec.items()} for rec in records]
+
+
+BATCH_FIRST = ("shares", "rate")  # (B, ...) tensors in a record; the other entries are per-segment lists
+
+
+def _row(key: str, value: list, row: int) -> list:
+    """One row of a host record entry: a (B, ...) nested list, or a per-segment list of ints / (B,) lists."""
+    if key in BATCH_FIRST:
+        return value[row]
+    return [v if isinstance(v, int) else v[row] for v in value]
 
 
 def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_text: int, dtype_bytes: int = 2):
@@ -23,12 +33,13 @@ def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_te
     KV-cache bytes the row holds ({"mean", "peak"} over the steps, after each step's forward pass:
     every layer's stored entries x 2 (K, V) x kv heads x head dim x `dtype_bytes`).
 
-    records: the engine's per-step records; steps[t]: the engine row that produced new token t."""
+    records: the engine's per-step records as `host_records` returns them; steps[t]: the engine row
+    that produced new token t."""
     bounds, stages = engine.bounds, engine.stages
     trace, img_per_step, kv_per_step = [], [], []
     entry_bytes = 2 * shape.n_kv_heads * shape.head_dim * dtype_bytes
     for t, row in enumerate(steps):
-        rec = {k: _row(v, row) for k, v in records[t].items()}
+        rec = {k: _row(k, v, row) for k, v in records[t].items()}
         img_layers = [rec["img"][s] for s, (a, b) in enumerate(bounds) for _ in range(a, b)]
         kv_per_step.append(entry_bytes * sum((b - a) * rec["stored"][s] for s, (a, b) in enumerate(bounds)))
         step_flops = sum(
