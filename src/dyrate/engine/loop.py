@@ -166,6 +166,7 @@ class Engine:
         seg = Segment(0, self.bounds[0][1], col, valid, valid)
         self._recount(state, seg)
         record = self._new_record(b, device)
+        row = None  # the probe row of the segment before (set by _run_layers)
         for s, (start, end) in enumerate(self.bounds):
             if s > 0:
                 seg, hidden = self._next_segment_prefill(state, seg, hidden, row, s, record, start, end)
