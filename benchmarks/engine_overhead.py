@@ -1,10 +1,12 @@
-"""Generation time of dyrate with pruning off, relative to `model.generate`, on the same model.
+"""Generation time of dyrate, relative to `model.generate` (DynamicCache), on the same random model.
 
-Both sides run end to end from PIL image + prompt (processor included) and produce the same tokens
-(checked). Warm-up runs are excluded; the figure is the median over repeats. The last line of the
-output is one JSON object.
+Every side runs end to end from PIL image + prompt (processor included); dyrate `none` produces the
+same tokens as `model.generate` (checked), other `--policies` are timed beside them. Each side is
+called once before timing; the timed calls interleave (so drifts hit every side alike) and the
+figure is the median over repeats. The last line of the output is one JSON object.
 
-    python benchmarks/engine_overhead.py [--layers 8] [--hidden 512] [--batch 1,4] [--new-tokens 32]
+    python benchmarks/engine_overhead.py [--layers 8] [--hidden 512] [--image-size 192] [--batch 1,16]
+        [--new-tokens 64] [--policies "none;fastv:k=2,r=0.75"]
 """
 
 from __future__ import annotations
@@ -37,12 +39,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--policies", default="none", help="dyrate policies timed beside model.generate (';'); none is "
+                    "checked token for token against it")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     def build():
         model, processor = tiny_model(seed=0, n_layers=args.layers, hidden=args.hidden, heads=8, kv_heads=8,
-                                      image_size=args.image_size)
+                                      image_size=args.image_size, max_positions=4096)
         model.generation_config.eos_token_id = None  # both sides generate exactly --new-tokens tokens
         return model.to(args.device), processor
 
@@ -62,14 +66,22 @@ def main() -> None:
                                        do_sample=False)
             return out[:, batch["input_ids"].shape[1]:].tolist()
 
-        def run_ours():
-            res = dyrate.generate(ours, processor, images, prompts, policy="none", max_new_tokens=args.new_tokens)
-            return [r.token_ids for r in res]
+        def runner(policy):
+            def run():
+                res = dyrate.generate(ours, processor, images, prompts, policy=policy, max_new_tokens=args.new_tokens)
+                return [r.token_ids for r in res]
+            return run
 
-        assert run_hf() == run_ours(), "token mismatch"
-        times = {"hf": [], "dyrate": []}
-        for _ in range(args.repeats):  # interleaved, so drifts hit both sides alike
-            for name, fn in (("hf", run_hf), ("dyrate", run_ours)):
+        policies = [p.strip() for p in args.policies.split(";") if p.strip()]
+        fns = {"hf": run_hf, **{p: runner(p) for p in policies}}
+        if "none" in fns:
+            assert run_hf() == fns["none"](), "token mismatch"
+        for name, fn in fns.items():
+            if name not in ("hf", "none"):
+                fn()  # the untimed first call of the other policies too
+        times = {name: [] for name in fns}
+        for _ in range(args.repeats):  # interleaved, so drifts hit every side alike
+            for name, fn in fns.items():
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
@@ -77,11 +89,14 @@ def main() -> None:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
-        hf, ours_t = statistics.median(times["hf"]), statistics.median(times["dyrate"])
+        hf = statistics.median(times["hf"])
         n_img = (args.image_size // 8) ** 2
-        rows.append({"batch": b, "hf_s": round(hf, 4), "dyrate_s": round(ours_t, 4), "ratio": round(ours_t / hf, 4)})
-        print(f"batch {b}: model.generate {hf:.3f} s, dyrate(none) {ours_t:.3f} s, ratio {ours_t / hf:.3f} "
-              f"(median of {args.repeats}; {n_img} image tokens, {args.new_tokens} new tokens)")
+        for policy in policies:
+            t = statistics.median(times[policy])
+            rows.append({"batch": b, "policy": policy, "hf_s": round(hf, 4), "dyrate_s": round(t, 4),
+                         "ratio": round(t / hf, 4), "speedup": round(hf / t, 4)})
+            print(f"batch {b}: model.generate {hf:.3f} s, dyrate {policy} {t:.3f} s, time ratio {t / hf:.3f} "
+                  f"(speed-up {hf / t:.2f}x; median of {args.repeats}; {n_img} image tokens, {args.new_tokens} new tokens)")
     cond = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
         "threads": args.threads, "dtype": str(ours.dtype), "layers": args.layers, "hidden": args.hidden,

@@ -50,7 +50,8 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_config(
-    n_layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2, image_size: int = 32, patch: int = 8
+    n_layers: int = 4, hidden: int = 64, heads: int = 4, kv_heads: int = 2, image_size: int = 32, patch: int = 8,
+    max_positions: int = 512,
 ) -> LlavaConfig:
     vocab = len(SPECIALS) + 95
     vision = CLIPVisionConfig(
@@ -59,7 +60,7 @@ def tiny_config(
     )
     text = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=n_layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
         pad_token_id=0, bos_token_id=2, eos_token_id=3,
     )
     return LlavaConfig(

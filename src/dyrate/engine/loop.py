@@ -27,12 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 from ..adapters import IMG, PAD, RES, ModelAdapter
 from ..adapters.attention import ProbeRequest
 from ..errors import InputError
 from ..policies import Policy, Probe
+from .cache import growing_cache
 
 MODES = ("evict", "mask")
 
@@ -101,7 +102,7 @@ class Segment:
 class DecodeState:
     """Everything one generate call carries from step to step (B rows)."""
 
-    cache: DynamicCache
+    cache: Cache  # of GrowingLayer (engine/cache.py)
     segments: list[Segment]
     group: torch.Tensor  # (B, C) long, group of every column
     pos: torch.Tensor  # (B, C) long, RoPE position of every column
@@ -154,7 +155,7 @@ class Engine:
         group = a.token_groups(input_ids, valid)  # (B, P)
         pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(~valid, 0)  # as model.generate
         state = DecodeState(
-            cache=DynamicCache(),
+            cache=growing_cache(),
             segments=[],
             group=group,
             pos=pos,
@@ -342,9 +343,7 @@ class Engine:
                 continue
             index, valid = _compact(keep)  # (B, S_new)
             for layer in range(seg.start, seg.end):
-                kv = state.cache.layers[layer]
-                idx = index[:, None, :, None].expand(-1, kv.keys.shape[1], -1, kv.keys.shape[-1])
-                kv.keys, kv.values = kv.keys.gather(2, idx), kv.values.gather(2, idx)  # (B, Hkv, S_new, D)
+                state.cache.layers[layer].keep_slots(index)  # (B, Hkv, S_new, D) in place
             seg.set_slots(seg.col.gather(1, index), valid, valid)
             self._recount(state, seg)
 

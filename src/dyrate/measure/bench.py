@@ -114,7 +114,8 @@ def _sync(device) -> None:
 
 
 def _kv_bytes(cache) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
+    return sum(getattr(layer, "reserved_bytes", layer.keys.nbytes + layer.values.nbytes)
+               for layer in cache.layers if layer.is_initialized)
 
 
 @torch.inference_mode()
