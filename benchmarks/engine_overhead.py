@@ -3,7 +3,8 @@
 Every side runs end to end from PIL image + prompt (processor included); dyrate `none` produces the
 same tokens as `model.generate` (checked), other `--policies` are timed beside them. Each side is
 called once before timing; the timed calls interleave (so drifts hit every side alike) and the
-figure is the median over repeats. The last line of the output is one JSON object.
+figures are medians over repeats: end to end, with one new token (the time to the first token),
+and decode tokens/s from their difference. The last line of the output is one JSON object.
 
     python benchmarks/engine_overhead.py [--layers 8] [--hidden 512] [--image-size 192] [--batch 1,16]
         [--new-tokens 64] [--policies "none;fastv:k=2,r=0.75"]
@@ -58,17 +59,16 @@ def main() -> None:
         images = [Image.fromarray((torch.rand(64, 64, 3, generator=gen) * 255).to(torch.uint8).numpy()) for _ in range(b)]
         prompts = [f"Describe picture number {i} in a few words." for i in range(b)]
 
-        def run_hf():
+        def run_hf(n=args.new_tokens):
             batch = processor(images=images, text=[build_prompt(processor, p) for p in prompts], return_tensors="pt",
                               padding=True, padding_side="left").to(args.device)
             with torch.inference_mode():
-                out = vanilla.generate(**batch, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                       do_sample=False)
+                out = vanilla.generate(**batch, max_new_tokens=n, min_new_tokens=n, do_sample=False)
             return out[:, batch["input_ids"].shape[1]:].tolist()
 
         def runner(policy):
-            def run():
-                res = dyrate.generate(ours, processor, images, prompts, policy=policy, max_new_tokens=args.new_tokens)
+            def run(n=args.new_tokens):
+                res = dyrate.generate(ours, processor, images, prompts, policy=policy, max_new_tokens=n)
                 return [r.token_ids for r in res]
             return run
 
@@ -80,23 +80,33 @@ def main() -> None:
             if name not in ("hf", "none"):
                 fn()  # the untimed first call of the other policies too
         times = {name: [] for name in fns}
+        first = {name: [] for name in fns}  # one new token: the time to the first token
         for _ in range(args.repeats):  # interleaved, so drifts hit every side alike
             for name, fn in fns.items():
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                fn()
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
-        hf = statistics.median(times["hf"])
+                for n, into in ((args.new_tokens, times), (1, first)):
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    fn(n)
+                    if args.device == "cuda":
+                        torch.cuda.synchronize()
+                    into[name].append(time.perf_counter() - start)
+        med = {name: statistics.median(v) for name, v in times.items()}
+        ttft = {name: statistics.median(v) for name, v in first.items()}
+        tok_s = {name: b * (args.new_tokens - 1) / max(med[name] - ttft[name], 1e-9) for name in fns}
+        hf = med["hf"]
         n_img = (args.image_size // 8) ** 2
         for policy in policies:
-            t = statistics.median(times[policy])
+            t = med[policy]
             rows.append({"batch": b, "policy": policy, "hf_s": round(hf, 4), "dyrate_s": round(t, 4),
-                         "ratio": round(t / hf, 4), "speedup": round(hf / t, 4)})
-            print(f"batch {b}: model.generate {hf:.3f} s, dyrate {policy} {t:.3f} s, time ratio {t / hf:.3f} "
-                  f"(speed-up {hf / t:.2f}x; median of {args.repeats}; {n_img} image tokens, {args.new_tokens} new tokens)")
+                         "ratio": round(t / hf, 4), "speedup": round(hf / t, 4),
+                         "hf_ttft_s": round(ttft["hf"], 4), "dyrate_ttft_s": round(ttft[policy], 4),
+                         "hf_decode_tok_s": round(tok_s["hf"], 2), "dyrate_decode_tok_s": round(tok_s[policy], 2),
+                         "decode_speedup": round(tok_s[policy] / tok_s["hf"], 4)})
+            print(f"batch {b}: model.generate {hf:.3f} s, dyrate {policy} {t:.3f} s (speed-up {hf / t:.2f}x); "
+                  f"TTFT {ttft['hf']:.3f} / {ttft[policy]:.3f} s; decode {tok_s['hf']:.1f} / {tok_s[policy]:.1f} tok/s "
+                  f"({tok_s[policy] / tok_s['hf']:.2f}x); median of {args.repeats}; {n_img} image tokens, "
+                  f"{args.new_tokens} new tokens")
     cond = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
         "threads": args.threads, "dtype": str(ours.dtype), "layers": args.layers, "hidden": args.hidden,
