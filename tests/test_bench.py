@@ -78,3 +78,24 @@ def test_workload_time_script(tiny_dir, tmp_path):
     none, fastv = result["rows"]
     assert result["conditions"]["rows"] == {"caption": 2, "vqa": 2, "pope": 2} and none["time_ratio"] == 1.0
     assert len(none["times_s"]) == 2 and fastv["kv_mean"] < none["kv_mean"] and fastv["retained"] == pytest.approx(0.25)
+
+
+def test_gpu_script_runs_on_the_cpu_with_a_small_shape(tmp_path):
+    """benchmarks/gpu.sh (the GPU engine table) runs end to end on the CPU with overrides, one JSON line
+    per (batch, side), dyrate none equal to model.generate (the script checks it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PY": sys.executable, "CONFIG": "medium", "LAYERS": "3", "BATCH": "1", "DEVICE": "cpu",
+           "DTYPE": "float32", "NEW_TOKENS": "2", "REPEATS": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), str(tmp_path)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "engine_table.jsonl").read_text().splitlines()]
+    sides = [r["side"] for r in rows]
+    assert "model.generate (DynamicCache)" in sides and "dyrate none" in sides and "dyrate fastv:k=2,r=0.75" in sides
+    fastv = next(r for r in rows if r["side"].startswith("dyrate fastv"))
+    assert fastv["flops_ideal"] > 1 and fastv["ttft_s"] > 0 and all(r["kv_bytes"] > 0 for r in rows)
