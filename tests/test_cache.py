@@ -70,3 +70,17 @@ def test_eviction_then_decoding_equals_the_reference(tiny, images, prompts, spec
     want, _ = reference_generate(model, batch["input_ids"], batch["pixel_values"], spec, "evict", 12, eos=3)
     _, outs, _ = run_engine(model, batch, spec, "evict", max_new_tokens=12)
     assert outs[0].token_ids == want
+
+
+def test_evicting_most_of_a_buffer_gives_the_memory_back():
+    gen = torch.Generator().manual_seed(2)
+    layer = GrowingLayer()
+    k, v = kv(gen, b=2, q=300)
+    layer.update(k, v)
+    before = layer.reserved_bytes
+    index = torch.arange(10).expand(2, 10)
+    layer.keep_slots(index)  # 10 of 300 slots stay
+    assert layer.reserved_bytes < before // 2
+    torch.testing.assert_close(layer.keys, k[:, :, :10], rtol=0, atol=0)
+    layer.update(*kv(gen, b=2, q=1))
+    assert layer.get_seq_length() == 11

@@ -3,8 +3,9 @@
 `DynamicCache` grows every layer's keys and values with `torch.cat` at every step, a copy of the
 whole cache per step and layer. `GrowingLayer` keeps them in buffers with spare room on the
 sequence axis: an update writes the new entries in place and returns a view of the used part; a
-full buffer doubles. Eviction (`keep_slots`) and beam reordering (`reorder_cache`) write into the
-same buffer instead of allocating a new one. The decoder layers see an ordinary `Cache` whose
+full buffer doubles. Eviction (`keep_slots`) writes into the same buffer unless it would be less
+than half used (then into a smaller one: evicting must give memory back); beam reordering
+(`reorder_cache`) copies each buffer once. The decoder layers see an ordinary `Cache` whose
 layers honour `CacheLayerMixin`'s contract (update, get_seq_length, get_mask_sizes, ...): no
 library class is patched.
 """
@@ -72,12 +73,23 @@ class GrowingLayer(DynamicLayer):
         return new
 
     def keep_slots(self, index: torch.Tensor) -> None:
-        """Eviction: keep, per row, the slots `index` (B, S_new) in that order, written into the same
-        buffers (the capacity stays, so the next appends need no reallocation)."""
+        """Eviction: keep, per row, the slots `index` (B, S_new) in that order. Written into the same
+        buffers while they stay at least half used (the next appends need no reallocation); into
+        smaller ones otherwise, so that evicting really gives the memory back."""
         n_new = index.shape[1]
+        shrink = n_new + SPARE < self._k.shape[2] // 2
+        bufs = []
         for buf in (self._k, self._v):
             idx = index[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[-1])  # (B, H, S_new, D)
-            buf[:, :, :n_new] = buf[:, :, : self._n].gather(2, idx)
+            kept = buf[:, :, : self._n].gather(2, idx)
+            if shrink:
+                new = self._alloc(buf, n_new + SPARE)
+                new[:, :, :n_new] = kept
+                bufs.append(new)
+            else:
+                buf[:, :, :n_new] = kept
+                bufs.append(buf)
+        self._k, self._v = bufs
         self._n = n_new
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
