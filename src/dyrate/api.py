@@ -27,11 +27,15 @@ __all__ = ["IMAGE_PLACEHOLDER", "GenerationResult", "build_prompt", "check_reque
 
 
 def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None, device: str | None = None):
-    """Load a local LLaVA checkpoint directory (config, safetensors weights, tokenizer, processor);
+    """Load a local checkpoint directory (config, safetensors weights, tokenizer, processor) of a
+    supported family (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL; docs/models.md);
     no path: the testbed model shipped with dyrate. Weights are read from safetensors only; no
     remote code runs. Returns (model, processor)."""
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoConfig
+
+    from .adapters import model_class_for, supported_names
+    from .adapters.processors import load_processor
 
     if path is None:
         from .assets import model_dir
@@ -46,8 +50,10 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, OSError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: unreadable config.json ({str(err).splitlines()[0]})") from None
-    if not isinstance(config, LlavaConfig):
-        raise CheckpointError(f"{path}: a {type(config).__name__} checkpoint, not a LLaVA one (model_type 'llava')")
+    model_class = model_class_for(config)
+    if model_class is None:
+        raise CheckpointError(f"{path}: a {type(config).__name__} checkpoint (model_type {config.model_type!r}) is not "
+                              f"supported (supported: {', '.join(supported_names())})")
     if not any(path.glob("*.safetensors")):
         raise CheckpointError(f"{path}: no *.safetensors weights (other weight formats are refused)")
     from transformers.utils import logging as hf_logging
@@ -55,11 +61,9 @@ def load(path: str | Path | None = None, dtype: torch.dtype | str | None = None,
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a tiny checkpoint loads in a blink; keep stderr for real messages
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            path, local_files_only=True, use_safetensors=True, dtype=dtype or "auto"
-        )
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, SafetensorError) as err:
+        model = model_class.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=dtype or "auto")
+        processor = load_processor(path)
+    except (OSError, ValueError, ImportError, SafetensorError) as err:
         raise CheckpointError(f"{path}: cannot load the checkpoint ({str(err).splitlines()[0]})") from None
     finally:
         if bar:
@@ -125,7 +129,7 @@ def generate(
     elem = next(model.parameters()).element_size()  # KV entries are stored in the weights' dtype
     eos, pad = _special_ids(model, processor)
     with torch.inference_mode():
-        outputs, state = generate_tokens(engine, input_ids, batch.attention_mask, batch.pixel_values, opts, eos, pad)
+        outputs, state = generate_tokens(engine, input_ids, batch.attention_mask, batch.vision, opts, eos, pad)
     records = host_records(state.records)
     results = []
     for i, out in enumerate(outputs):

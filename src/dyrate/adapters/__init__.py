@@ -8,7 +8,7 @@ tokens are `res`; left padding is `pad`. Adapters label prompts with these ids (
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Mapping, Protocol
 
 import torch
 
@@ -25,14 +25,21 @@ class ModelAdapter(Protocol):
     cache_kwarg: str  # the layers' name for the KV cache argument ("cache", or "past_key_values" before transformers 5.24)
     max_positions: int
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, P) ids + images -> (B, P, d) input embeddings with image features in place."""
+    def embed(self, input_ids: torch.Tensor, vision: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(B, P) ids + vision inputs (the processor's outputs besides ids and mask) -> (B, P, d)
+        input embeddings with image features in place."""
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, q) ids -> (B, q, d)."""
 
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
-        """Position embeddings for (B, q) positions, as the decoder layers expect them."""
+    def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision) -> torch.Tensor:
+        """RoPE positions of the prompt: (A, B, P) long, A axes (1, or 3 for M-RoPE)."""
+
+    def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
+        """Position embeddings for (A, B, q) positions, as the decoder layers expect them."""
+
+    def repeat_rows(self, vision, n: int) -> dict[str, torch.Tensor]:
+        """Vision inputs with every row repeated n times in place (beam search)."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, q, d) last hidden states -> (B, q, V) float logits (final norm + head)."""
@@ -41,15 +48,46 @@ class ModelAdapter(Protocol):
         """(B, P) group id per prompt token: SYS, IMG, INS, or PAD for left padding."""
 
 
+def _families():
+    """(model class, adapter class) per supported family, most specific first."""
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    from .llava import LlavaAdapter, LlavaNextAdapter
+    from .qwen2_vl import Qwen2VLAdapter
+
+    return (
+        (LlavaForConditionalGeneration, LlavaAdapter),
+        (LlavaNextForConditionalGeneration, LlavaNextAdapter),
+        (LlavaOnevisionForConditionalGeneration, LlavaNextAdapter),
+        (Qwen2VLForConditionalGeneration, Qwen2VLAdapter),
+        (Qwen2_5_VLForConditionalGeneration, Qwen2VLAdapter),
+    )
+
+
+def supported_names() -> list[str]:
+    return [cls.__name__ for cls, _ in _families()]
+
+
+def model_class_for(config):
+    """The supported model class a checkpoint's config builds, or None."""
+    for cls, _ in _families():
+        if type(config) is cls.config_class:
+            return cls
+    return None
+
+
 def adapter_for(model) -> ModelAdapter:
-    """Pick the adapter for a loaded model."""
-    from transformers import LlavaForConditionalGeneration
-
-    from .llava import LlavaAdapter
-
-    if isinstance(model, LlavaForConditionalGeneration):
-        return LlavaAdapter(model)
-    raise CheckpointError(f"{type(model).__name__} is not supported yet (supported: LlavaForConditionalGeneration)")
+    """Pick the adapter for a loaded model by its class."""
+    for cls, adapter in _families():
+        if isinstance(model, cls):
+            return adapter(model)
+    raise CheckpointError(f"{type(model).__name__} is not supported (supported: {', '.join(supported_names())})")
 
 
-__all__ = ["GROUPS", "IMG", "INS", "PAD", "RES", "SYS", "ModelAdapter", "adapter_for"]
+__all__ = ["GROUPS", "IMG", "INS", "PAD", "RES", "SYS", "ModelAdapter", "adapter_for", "model_class_for", "supported_names"]

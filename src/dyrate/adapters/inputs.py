@@ -14,7 +14,13 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
 
-IMAGE_PLACEHOLDER = "<image>"
+IMAGE_PLACEHOLDER = "<image>"  # LLaVA's; other families name theirs (`placeholder`)
+
+
+def placeholder(processor) -> str:
+    """The text that stands for one image in a verbatim prompt: the processor's image token
+    ("<image>" for the LLaVA families, "<|image_pad|>" for Qwen2-VL)."""
+    return getattr(processor, "image_token", None) or IMAGE_PLACEHOLDER
 
 
 def read_image(image) -> Image.Image:
@@ -43,17 +49,18 @@ def build_prompt(processor, prompt: str, template: bool | None = None) -> str:
         prompt.encode("utf-8")
     except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (e.g. a Latin-1 shell argument)
         raise InputError("prompt is not valid UTF-8 text") from None
-    n = prompt.count(IMAGE_PLACEHOLDER)
+    mark = placeholder(processor)
+    n = prompt.count(mark)
     if n > 1:
-        raise InputError(f"prompt has {n} image placeholders {IMAGE_PLACEHOLDER!r}; exactly one image per prompt is supported")
+        raise InputError(f"prompt has {n} image placeholders {mark!r}; exactly one image per prompt is supported")
     if template is False or (template is None and n == 1):
         if n != 1:
-            raise InputError(f"a verbatim prompt must contain the image placeholder {IMAGE_PLACEHOLDER!r} exactly once")
+            raise InputError(f"a verbatim prompt must contain the image placeholder {mark!r} exactly once")
         return prompt
     if n:
-        raise InputError(f"with the chat template, leave the image placeholder {IMAGE_PLACEHOLDER!r} out of the prompt")
+        raise InputError(f"with the chat template, leave the image placeholder {mark!r} out of the prompt")
     if not getattr(processor, "chat_template", None):
-        raise InputError(f"prompt has no image placeholder {IMAGE_PLACEHOLDER!r} and the processor has no chat template")
+        raise InputError(f"prompt has no image placeholder {mark!r} and the processor has no chat template")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True)
 
@@ -61,11 +68,13 @@ def build_prompt(processor, prompt: str, template: bool | None = None) -> str:
 @dataclass
 class Encoded:
     """A processed batch on the model's device. input_ids, attention_mask: (B, P), left padded;
-    pixel_values: (B, 3, H, W)."""
+    vision: the processor's other outputs (LLaVA: pixel_values (B, 3, H, W); LLaVA-NeXT: plus
+    image_sizes; Qwen2-VL: flattened patches, image_grid_thw, mm_token_type_ids), as the model's
+    forward takes them."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    pixel_values: torch.Tensor
+    vision: dict[str, torch.Tensor]
 
     @property
     def n_prompt(self) -> int:
@@ -81,4 +90,5 @@ def encode(processor, images: Sequence, prompts: Sequence[str], device, template
     if texts is None:
         texts = [build_prompt(processor, p, template) for p in prompts]
     batch = processor(images=pil, text=list(texts), return_tensors="pt", padding=True, padding_side="left")
-    return Encoded(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values")))
+    vision = {k: v.to(device) for k, v in batch.items() if k not in ("input_ids", "attention_mask") and torch.is_tensor(v)}
+    return Encoded(batch["input_ids"].to(device), batch["attention_mask"].to(device), vision)

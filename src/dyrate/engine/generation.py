@@ -17,7 +17,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..errors import InputError
-from .loop import Engine
+from .loop import Engine, as_vision
 
 
 @dataclass(frozen=True)
@@ -74,20 +74,20 @@ class RowOutput:
     steps: list[int]  # for each new token, the engine row that produced it (records index by step)
 
 
-def generate_tokens(engine: Engine, input_ids, attention_mask, pixel_values, opts: GenerationOptions, eos: list[int], pad: int):
+def generate_tokens(engine: Engine, input_ids, attention_mask, vision, opts: GenerationOptions, eos: list[int], pad: int):
     """Generate for a batch. Returns (outputs per input row, final DecodeState)."""
     if opts.seed is not None:
         torch.manual_seed(opts.seed)
     if opts.num_beams > 1:
-        return _beam_search(engine, input_ids, attention_mask, pixel_values, opts, eos, pad)
-    return _sample(engine, input_ids, attention_mask, pixel_values, opts, eos, pad)
+        return _beam_search(engine, input_ids, attention_mask, vision, opts, eos, pad)
+    return _sample(engine, input_ids, attention_mask, vision, opts, eos, pad)
 
 
-def _sample(engine, input_ids, attention_mask, pixel_values, opts, eos, pad):
+def _sample(engine, input_ids, attention_mask, vision, opts, eos, pad):
     b = input_ids.shape[0]
     eos_t = torch.tensor(eos, device=input_ids.device)
     warpers = opts.warpers()
-    logits, state = engine.prefill(input_ids, attention_mask, pixel_values)
+    logits, state = engine.prefill(input_ids, attention_mask, vision)
     unfinished = torch.ones(b, dtype=torch.bool, device=input_ids.device)
     chosen = []
     for t in range(opts.max_new_tokens):
@@ -111,14 +111,14 @@ def _sample(engine, input_ids, attention_mask, pixel_values, opts, eos, pad):
     return outputs, state
 
 
-def _beam_search(engine, input_ids, attention_mask, pixel_values, opts, eos, pad):
+def _beam_search(engine, input_ids, attention_mask, vision, opts, eos, pad):
     nb, lp = opts.num_beams, opts.length_penalty
     b, prompt_len = input_ids.shape
     device = input_ids.device
     # (B, P) -> (B * nb, P): every beam starts from its prompt
     input_ids = input_ids.repeat_interleave(nb, dim=0)
     attention_mask = attention_mask.repeat_interleave(nb, dim=0)
-    pixel_values = pixel_values.repeat_interleave(nb, dim=0)
+    vision = engine.adapter.repeat_rows(as_vision(vision), nb)
     eos_t = torch.tensor(eos, device=device)
     keep = max(2, 1 + len(eos)) * nb  # continuations considered per batch item
     top_nb = torch.arange(keep, device=device) < nb
@@ -135,7 +135,7 @@ def _beam_search(engine, input_ids, attention_mask, pixel_values, opts, eos, pad
     improvable = torch.ones(b, 1, dtype=torch.bool, device=device)
     offset = torch.arange(b, device=device)[:, None] * nb  # (B, 1)
 
-    logits, state = engine.prefill(input_ids, attention_mask, pixel_values)
+    logits, state = engine.prefill(input_ids, attention_mask, vision)
     for t in range(t_max):
         logprobs = logits.log_softmax(dim=-1)  # (B * nb, V)
         vocab = logprobs.shape[-1]
@@ -186,11 +186,11 @@ def _beam_search(engine, input_ids, attention_mask, pixel_values, opts, eos, pad
     return outputs, state
 
 
-def forced_logprobs(engine: Engine, input_ids, attention_mask, pixel_values, tokens: torch.Tensor) -> torch.Tensor:
+def forced_logprobs(engine: Engine, input_ids, attention_mask, vision, tokens: torch.Tensor) -> torch.Tensor:
     """Teacher forcing under the engine's policy, one row: the prefill prunes as in generation, then
     each of `tokens` (T,) is fed as a decode step. Returns the next-token log-probabilities (T, V)
     at every position of `tokens` (row t predicts tokens[t])."""
-    logits, state = engine.prefill(input_ids, attention_mask, pixel_values)
+    logits, state = engine.prefill(input_ids, attention_mask, vision)
     out = [logits.log_softmax(-1)]
     for tok in tokens[:-1]:
         logits = engine.decode(state, tok.view(1))

@@ -3,7 +3,8 @@
 Vocabulary
 - column: a position of the padded sequence as it grows (prompt columns 0..P-1, left padded, then
   one column per generated token). Every column has a group (sys/img/ins/res/pad) and a RoPE
-  position (`cumsum(attention_mask) - 1`, as `model.generate` computes it).
+  position on each of A axes (the adapter's: `cumsum(attention_mask) - 1` as `model.generate`
+  computes it, or 3-D M-RoPE for Qwen2-VL); a generated token's is the previous column's + 1.
 - segment: a run of decoder layers [start, end) that share one KV layout. Segment 0 holds the
   layers before the first pruning stage and sees every token; segment s >= 1 starts at the layer
   K_s of pruning stage s. Its probe is the attention of the newest query at layer K_s - 1, the
@@ -105,7 +106,7 @@ class DecodeState:
     cache: Cache  # of GrowingLayer (engine/cache.py)
     segments: list[Segment]
     group: torch.Tensor  # (B, C) long, group of every column
-    pos: torch.Tensor  # (B, C) long, RoPE position of every column
+    pos: torch.Tensor  # (A, B, C) long, RoPE position of every column on each of A axes
     n_img: torch.Tensor  # (B,) long, image tokens of each row
     policy_state: dict[str, torch.Tensor]
     step: int = 0
@@ -121,7 +122,7 @@ class DecodeState:
         self.cache.reorder_cache(index)
         for seg in self.segments:
             seg.reorder(index)
-        self.group, self.pos, self.n_img = self.group[index], self.pos[index], self.n_img[index]
+        self.group, self.pos, self.n_img = self.group[index], self.pos[:, index], self.n_img[index]
         self.policy_state = {k: v[index] for k, v in self.policy_state.items()}
 
 
@@ -145,15 +146,17 @@ class Engine:
         self.bounds = list(zip(bounds[:-1], bounds[1:]))  # (start, end) of each segment
 
     # ------------------------------------------------------------------ prefill
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor):
-        """Run the prompt. input_ids, attention_mask: (B, P), left padded; pixel_values: (B, 3, H, W).
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision):
+        """Run the prompt. input_ids, attention_mask: (B, P), left padded; vision: the processor's
+        other outputs (a mapping; a bare tensor means {"pixel_values": tensor}).
         Returns the logits of the last prompt token (B, V) and the state for decoding."""
         a = self.adapter
+        vision = as_vision(vision)
         b, p = input_ids.shape
         device = input_ids.device
         valid = attention_mask.bool()
         group = a.token_groups(input_ids, valid)  # (B, P)
-        pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(~valid, 0)  # as model.generate
+        pos = a.positions(input_ids, attention_mask, vision)  # (A, B, P)
         state = DecodeState(
             cache=growing_cache(),
             segments=[],
@@ -162,7 +165,7 @@ class Engine:
             n_img=(group == IMG).sum(1),
             policy_state=self.policy.init_state(b, device),
         )
-        hidden = a.embed(input_ids, pixel_values)  # (B, P, d)
+        hidden = a.embed(input_ids, vision)  # (B, P, d)
         col = torch.arange(p, device=device).expand(b, p)
         seg = Segment(0, self.bounds[0][1], col, valid, valid)
         self._recount(state, seg)
@@ -185,10 +188,10 @@ class Engine:
         state.step += 1
         new_col = state.n_cols
         state.group = torch.cat([state.group, state.group.new_full((b, 1), RES)], dim=1)
-        state.pos = torch.cat([state.pos, state.pos[:, -1:] + 1], dim=1)
+        state.pos = torch.cat([state.pos, state.pos[..., -1:] + 1], dim=2)
         hidden = a.embed_tokens(tokens[:, None])  # (B, 1, d)
         record = self._new_record(b, tokens.device)
-        position_ids = state.pos[:, -1:]  # (B, 1): the new token, the same in every segment
+        position_ids = state.pos[..., -1:]  # (A, B, 1): the new token, the same in every segment
         pos_emb = a.rotary(hidden, position_ids)
         row = None
         for s, seg in enumerate(state.segments):
@@ -222,7 +225,8 @@ class Engine:
         pos: (position ids, rotary embeddings) of the queries, when the caller has them."""
         a = self.adapter
         if pos is None:
-            position_ids = state.pos.gather(1, seg.col[:, -q:])  # (B, q)
+            cols = seg.col[:, -q:]  # (B, q)
+            position_ids = state.pos.gather(2, cols.expand(state.pos.shape[0], -1, -1))  # (A, B, q)
             pos = (position_ids, a.rotary(hidden, position_ids))
         position_ids, pos_emb = pos
         mask = None if seg.dense else self._mask(seg, q)
@@ -230,7 +234,7 @@ class Engine:
         for layer in range(seg.start, seg.end):
             extra = {"probe": request} if request is not None and layer == seg.end - 1 else {}
             hidden = a.layers[layer](
-                hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids,
+                hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids[0],
                 use_cache=True, **{a.cache_kwarg: state.cache}, **extra,
             )
         record["queries"].append(1 if q == 1 else seg.valid[:, -q:].sum(1))
@@ -346,6 +350,11 @@ class Engine:
                 state.cache.layers[layer].keep_slots(index)  # (B, Hkv, S_new, D) in place
             seg.set_slots(seg.col.gather(1, index), valid, valid)
             self._recount(state, seg)
+
+
+def as_vision(vision) -> dict[str, torch.Tensor]:
+    """The vision inputs as a dict; a bare tensor is LLaVA's pixel_values."""
+    return {"pixel_values": vision} if isinstance(vision, torch.Tensor) else dict(vision)
 
 
 def _compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

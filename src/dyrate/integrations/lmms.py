@@ -336,7 +336,7 @@ class DyrateLlava(lmms):
         if common + len(cont) > self.adapter.max_positions:
             raise InputError(f"dyrate_llava: context + continuation exceed the model's {self.adapter.max_positions} positions")
         ids = full_ids[None, :common]
-        logp = forced_logprobs(self.engine, ids, torch.ones_like(ids), full.pixel_values, cont)  # (T, V)
+        logp = forced_logprobs(self.engine, ids, torch.ones_like(ids), full.vision, cont)  # (T, V)
         total = float(logp.gather(1, cont[:, None]).sum())
         greedy = bool((logp.argmax(-1) == cont).all())
         return total, greedy, len(cont)

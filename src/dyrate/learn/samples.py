@@ -37,7 +37,7 @@ def greedy_responses(model, processor, samples: Sequence[Sample], max_new_tokens
         enc = encode(processor, [s.image for s in chunk], [s.prompt for s in chunk], device)
         with torch.inference_mode():
             ids = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                                 pixel_values=enc.pixel_values, do_sample=False, num_beams=1,
+                                 **enc.vision, do_sample=False, num_beams=1,
                                  max_new_tokens=max_new_tokens)[:, enc.input_ids.shape[1]:]  # (B, T) new tokens
         for row in ids.tolist():
             end = next((j + 1 for j, tok in enumerate(row) if tok in eos), len(row))

@@ -36,6 +36,7 @@ class Cached:
     oracle: torch.Tensor | None = None  # (T,) long oracle bins (objective "oracle" only)
     bin_kl: torch.Tensor | None = None  # (T, bins) KL to the full model at each hard bin (oracle only)
     bin_kl_rank: str = "step"  # the ranking bin_kl was computed with
+    positions: torch.Tensor | None = None  # (A, 1, L) long RoPE positions (None: 0..L-1 on one axis)
 
     @property
     def n_steps(self) -> int:
@@ -77,9 +78,12 @@ def prepare(model, processor, image, prompt: str, response: list[int], k: int) -
     length = ids.shape[1]
     groups = adapter.token_groups(prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool))[0]
     groups = torch.cat([groups, groups.new_full((n_steps - 1,), RES)])  # (L,)
-    hidden = adapter.embed(ids, batch.pixel_values)  # (1, L, d)
-    position_ids = torch.arange(length, device=device)[None]  # (1, L)
-    pos_emb = adapter.rotary(hidden, position_ids)
+    hidden = adapter.embed(ids, batch.vision)  # (1, L, d)
+    prompt_pos = adapter.positions(prompt_ids, batch.attention_mask, batch.vision)  # (A, 1, P)
+    steps = torch.arange(1, n_steps, device=device)  # response tokens 0..T-2 follow the prompt's last position
+    positions = torch.cat([prompt_pos, prompt_pos[..., -1:] + steps], dim=2)  # (A, 1, L)
+    position_ids = positions[0]  # (1, L)
+    pos_emb = adapter.rotary(hidden, positions)
     mask = _causal(length, device, hidden.dtype)[None, None]  # (1, 1, L, L)
     probe = None
     for i in range(adapter.n_layers):
@@ -90,7 +94,8 @@ def prepare(model, processor, image, prompt: str, response: list[int], k: int) -
             hidden_k = hidden
     teacher = adapter.logits(hidden)[0, n_prompt - 1:].log_softmax(-1)  # (T, V)
     img_cols = (groups == IMG).nonzero()[:, 0]
-    return Cached(hidden_k.cpu(), probe.cpu(), img_cols.cpu(), groups.cpu(), n_prompt, teacher.cpu(), list(response))
+    return Cached(hidden_k.cpu(), probe.cpu(), img_cols.cpu(), groups.cpu(), n_prompt, teacher.cpu(), list(response),
+                  positions=positions.cpu())
 
 
 def shares_of(c: Cached) -> torch.Tensor:
@@ -125,8 +130,8 @@ def pruned_logprobs(model, c: Cached, p: torch.Tensor, bank: torch.Tensor, k: in
     add[:, img] = bias[step_of]  # (L, N_img): prompt queries use the step-0 mask
     add[img, img] = 0.0  # an image token always sees itself (engine: the query's own slot)
     mask = (_causal(length, device) + add).to(hidden.dtype)[None, None]  # (1, 1, L, L)
-    position_ids = torch.arange(length, device=device)[None]
-    pos_emb = adapter.rotary(hidden, position_ids)
+    positions = c.positions.to(device) if c.positions is not None else torch.arange(length, device=device)[None, None]
+    pos_emb = adapter.rotary(hidden, positions)  # positions: (A, 1, L)
     for i in range(k, adapter.n_layers):
-        hidden = adapter.layers[i](hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids)
+        hidden = adapter.layers[i](hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=positions[0])
     return adapter.logits(hidden)[0, n_prompt - 1:].log_softmax(-1)  # (T, V)

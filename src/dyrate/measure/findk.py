@@ -54,7 +54,7 @@ def find_k(model, processor, images, prompts, eta: float = 0.003, max_new_tokens
     greedy = GenerationOptions(max_new_tokens=max_new_tokens)
     for image, prompt in zip(images, prompts):
         batch = encode(processor, [image], [prompt], device)
-        ids, mask, pixels = batch.input_ids, batch.attention_mask, batch.pixel_values
+        ids, mask, pixels = batch.input_ids, batch.attention_mask, batch.vision
         # the unpruned model's greedy answer (up to EOS), then its distributions along it
         with torch.inference_mode():
             [out], _ = generate_tokens(full, ids, mask, pixels, greedy, eos, pad=eos[0] if eos else 0)

@@ -61,22 +61,24 @@ class DecoderShape:
 
     @classmethod
     def from_config(cls, config, name: str | None = None) -> "DecoderShape":
-        """The shape of a transformers ``LlavaConfig``: the decoder from ``text_config``, the image
-        tokens from the vision tower, ``(image_size // patch_size)**2`` plus one (the CLS token)
-        when ``vision_feature_select_strategy == "full"``.
+        """The shape of a supported VLM config: the decoder from ``text_config``; the image tokens
+        (``_IMAGE_TOKENS``) from the vision tower for LLaVA, ``(image_size // patch_size)**2`` plus
+        one (the CLS token) when ``vision_feature_select_strategy == "full"``. For the families whose
+        image-token count depends on the image (LLaVA-NeXT, OneVision, Qwen2-VL) it is a nominal
+        count (the base image's grid, or 256 for Qwen2-VL); per-request FLOPs use the request's own.
 
         ``image_seq_length`` is not used by the LLaVA model itself, so when it disagrees with the
         vision tower the vision tower wins and a warning says so.
         """
         text, vision = getattr(config, "text_config", None), getattr(config, "vision_config", None)
         model_type = getattr(config, "model_type", None)
-        if model_type != "llava" or text is None or vision is None:
+        if model_type not in _IMAGE_TOKENS or text is None or vision is None:
             raise CheckpointError(
-                f"not a LLaVA config (model_type {model_type!r}); dyrate flops supports model_type 'llava'"
+                f"not a supported VLM config (model_type {model_type!r}); dyrate flops supports model_type "
+                + ", ".join(repr(t) for t in _IMAGE_TOKENS)
             )
-        side = vision.image_size // vision.patch_size
-        n_img = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
-        declared = getattr(config, "image_seq_length", None)
+        n_img = _IMAGE_TOKENS[model_type](config)
+        declared = getattr(config, "image_seq_length", None) if model_type == "llava" else None
         if declared is not None and declared != n_img:
             warnings.warn(
                 f"config image_seq_length={declared} but the vision tower gives {n_img} image tokens "
@@ -96,6 +98,25 @@ class DecoderShape:
             n_img=n_img,
             vocab=getattr(text, "vocab_size", None),
         )
+
+
+def _llava_tokens(config) -> int:
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def _base_grid(config) -> int:
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    return side * side
+
+
+_IMAGE_TOKENS = {  # model_type -> image tokens of one image (nominal where it depends on the image)
+    "llava": _llava_tokens,
+    "llava_next": _base_grid,
+    "llava_onevision": _base_grid,
+    "qwen2_vl": lambda config: 256,
+    "qwen2_5_vl": lambda config: 256,
+}
 
 
 NAMED_SHAPES: dict[str, DecoderShape] = {
