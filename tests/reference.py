@@ -50,7 +50,7 @@ def _layer(layer, h, positions, rotary, mask, probe_out=None):
     q = attn.q_proj(x).view(n_t, -1, d_head).transpose(0, 1)  # (H, T, D)
     k = attn.k_proj(x).view(n_t, -1, d_head).transpose(0, 1)  # (Hkv, T, D)
     v = attn.v_proj(x).view(n_t, -1, d_head).transpose(0, 1)
-    cos, sin = rotary(h[None], positions[None])
+    cos, sin = rotary(h[None], positions[:, None, :] if positions.dim() == 2 else positions[None])  # (A, T) or (T,)
     q, k = apply_rotary_pos_emb(q[None], k[None], cos, sin)
     q, k = q[0], k[0]
     rep = q.shape[0] // k.shape[0]
@@ -65,16 +65,41 @@ def _layer(layer, h, positions, rotary, mask, probe_out=None):
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+def _image_features(model, vision) -> torch.Tensor:
+    """(N_img, d) features of the row's image from the model's own vision function (the reference
+    restates the decoder, not the vision tower)."""
+    kwargs = {k: v for k, v in vision.items() if k != "mm_token_type_ids"}
+    for key in ("vision_feature_layer", "vision_feature_select_strategy"):
+        if hasattr(model.config, key):
+            kwargs[key] = getattr(model.config, key)
+    return torch.cat(list(model.model.get_image_features(**kwargs, return_dict=True).pooler_output))
+
+
+def _positions(model, input_ids, grid, n_total: int) -> torch.Tensor:
+    """RoPE positions of the prompt and the new tokens: (T,) 0..T-1, or for M-RoPE models (3, T)
+    from the model's get_rope_index for the prompt, then the last position + 1 on all three axes
+    for each new token."""
+    if not hasattr(model.model, "get_rope_index"):
+        return torch.arange(n_total)
+    types = (input_ids == model.config.image_token_id).int()
+    prompt, _ = model.model.get_rope_index(input_ids, mm_token_type_ids=types, image_grid_thw=grid)
+    prompt = prompt[:, 0]  # (3, P)
+    steps = torch.arange(1, n_total - prompt.shape[1] + 1)
+    return torch.cat([prompt, prompt[:, -1:] + steps], dim=1)
+
+
 @torch.no_grad()
 def reference_generate(model, input_ids, pixel_values, spec: str, mode: str, max_new_tokens: int, eos: int):
-    """Returns (new token ids, kept image columns per stage per step)."""
+    """Returns (new token ids, kept image columns per stage per step). pixel_values: LLaVA's
+    tensor, or the processor's vision outputs (a mapping) for any family."""
     lm = model.model.language_model
     image_id = model.config.image_token_id
+    vision = pixel_values if isinstance(pixel_values, dict) else {"pixel_values": pixel_values}
     ids = input_ids[0].tolist()
     n_prompt = len(ids)
     img_cols = [c for c, tok in enumerate(ids) if tok == image_id]
     stages, target = policy_rule(spec)
-    feats = model.model.get_image_features(pixel_values=pixel_values, return_dict=True).pooler_output[0]
+    feats = _image_features(model, vision)
     prompt_emb = lm.embed_tokens(input_ids[0]).clone()
     prompt_emb[torch.tensor(img_cols)] = feats
     bounds = [0, *stages, len(lm.layers)]
@@ -86,7 +111,7 @@ def reference_generate(model, input_ids, pixel_values, spec: str, mode: str, max
         n_t = len(seq)
         step_of = [0 if c < n_prompt else c - n_prompt + 1 for c in range(n_t)]
         h = torch.cat([prompt_emb, lm.embed_tokens(torch.tensor(new_tokens, dtype=torch.long))]) if new_tokens else prompt_emb
-        positions = torch.arange(n_t)
+        positions = _positions(model, input_ids, vision.get("image_grid_thw"), n_t)
         vis_t: list[set[int]] = [set(img_cols)]
         visible.append(vis_t)
         is_img = torch.zeros(n_t, dtype=torch.bool)

@@ -1,0 +1,159 @@
+"""Every supported family (docs/models.md) on tiny random checkpoints built from their config
+classes, saved with save_pretrained and loaded through `dyrate.load`: pruning off equals
+`model.generate` token for token; pruned runs equal the independent reference (3-D positions for
+Qwen2-VL); batch rows equal rows alone; bad inputs are one clear line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+import dyrate
+from dyrate.adapters import IMG, adapter_for
+from dyrate.adapters.inputs import build_prompt, encode
+from dyrate.engine import Engine, GenerationOptions, generate_tokens
+from dyrate.errors import CheckpointError, DyrateError, InputError
+from dyrate.policies import parse_policy
+from dyrate.testbed.families import FAMILIES, save_family
+
+from reference import reference_generate
+
+NEW_FAMILIES = [f for f in FAMILIES if f != "llava"]
+
+
+@pytest.fixture(scope="module", params=NEW_FAMILIES)
+def family(request, tmp_path_factory):
+    """(name, checkpoint dir, (model, processor) through dyrate.load, an untouched model.generate copy)."""
+    path = save_family(request.param, tmp_path_factory.mktemp(request.param) / "ckpt")
+    model, processor = dyrate.load(path)
+    vanilla, _ = dyrate.load(path)  # never given to an adapter: plain SDPA
+    return request.param, path, model, processor, vanilla
+
+
+@pytest.fixture(scope="module")
+def pictures():
+    """Three noise images of different sizes and aspect ratios (different image-token counts for
+    Qwen2-VL and for LLaVA-NeXT's anyres crops)."""
+    gen = torch.Generator().manual_seed(5)
+    sizes = [(56, 84), (112, 56), (70, 70)]
+    return [Image.fromarray((torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()) for h, w in sizes]
+
+
+PROMPTS = ["What is it?", "Describe the picture in detail please, every part of it.", "Hi"]
+
+
+def _eos_pad(model):
+    return model.generation_config.eos_token_id, model.generation_config.pad_token_id
+
+
+@pytest.mark.parametrize("opts", [dict(do_sample=False), dict(do_sample=True, seed=7), dict(num_beams=3)],
+                         ids=["greedy", "sample", "beam3"])
+def test_no_pruning_matches_generate(family, pictures, opts):
+    name, _, model, processor, vanilla = family
+    eos, pad = _eos_pad(model)
+    batch = encode(processor, pictures, PROMPTS, "cpu")
+    n_img = (batch.input_ids == model.config.image_token_id).sum(1).tolist()
+    if name != "llava-next" and name != "llava-onevision":
+        assert len(set(n_img)) > 1, n_img  # rows really differ in image tokens
+    opts = dict(opts)
+    seed = opts.pop("seed", None)
+    if seed is not None:
+        torch.manual_seed(seed)
+    expected = vanilla.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.vision,
+                                max_new_tokens=8, **opts)[:, batch.input_ids.shape[1]:]
+    results = dyrate.generate(model, processor, pictures, PROMPTS, policy="none", max_new_tokens=8, seed=seed, **opts)
+    for row, res in enumerate(results):
+        want = expected[row].tolist()
+        assert res.token_ids == want[: len(res.token_ids)], (name, row)
+        assert all(tok in (pad, eos) for tok in want[len(res.token_ids):])
+
+
+POLICIES = ["fastv:k=2,r=0.5", "vtw:k=2", "fixed:k=1,r=0.75", "schedule:1=0.25,3=0.75"]
+
+
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+@pytest.mark.parametrize("spec", POLICIES)
+def test_matches_reference(family, pictures, spec, mode):
+    name, _, model, processor, _ = family
+    eos, _ = _eos_pad(model)
+    adapter = adapter_for(model)
+    for row in (0, 1):
+        batch = encode(processor, pictures[row:row + 1], PROMPTS[row:row + 1], "cpu")
+        want_tokens, want_kept = reference_generate(model, batch.input_ids, batch.vision, spec, mode, 5, eos=eos)
+        engine = Engine(adapter, parse_policy(spec), mode)
+        with torch.inference_mode():
+            [out], state = generate_tokens(engine, batch.input_ids, batch.attention_mask, batch.vision,
+                                           GenerationOptions(max_new_tokens=5), eos=[eos], pad=0)
+        assert out.token_ids == want_tokens, (name, spec, mode, row)
+        for s in range(1, len(state.segments)):
+            seg = state.segments[s]
+            cols = seg.col[0][seg.attend[0]]
+            kept = sorted(int(c) for c in cols if int(state.group[0, c]) == IMG)
+            assert kept == want_kept[len(want_tokens) - 1][s - 1], (name, spec, mode, s)
+
+
+@pytest.mark.parametrize("spec,mode,beams", [("fastv:k=2,r=0.5", "evict", 1), ("schedule:1=0.25,3=0.75", "mask", 1),
+                                             ("fixed:k=1,r=0.75", "evict", 2)])
+def test_batch_rows_equal_rows_alone(family, pictures, spec, mode, beams):
+    _, _, model, processor, _ = family
+    together = dyrate.generate(model, processor, pictures, PROMPTS, policy=spec, mode=mode, max_new_tokens=5,
+                               num_beams=beams)
+    for i in range(3):
+        alone = dyrate.generate(model, processor, pictures[i:i + 1], PROMPTS[i:i + 1], policy=spec, mode=mode,
+                                max_new_tokens=5, num_beams=beams)[0]
+        assert together[i].token_ids == alone.token_ids
+        assert [s["kept"] for s in together[i].trace] == [s["kept"] for s in alone.trace]
+
+
+def test_kv_lengths_of_pruned_layers(family, pictures):
+    """Evict mode: a pruned layer stores the kept image tokens plus the text, nothing else."""
+    _, _, model, processor, _ = family
+    batch = encode(processor, pictures[:1], PROMPTS[:1], "cpu")
+    engine = Engine(adapter_for(model), parse_policy("fastv:k=2,r=0.5"), "evict")
+    with torch.inference_mode():
+        [out], state = generate_tokens(engine, batch.input_ids, batch.attention_mask, batch.vision,
+                                       GenerationOptions(max_new_tokens=4), eos=[-1], pad=0)
+    n_img = int((batch.input_ids == model.config.image_token_id).sum())
+    n_text = batch.input_ids.shape[1] - n_img
+    kept = (n_img + 1) // 2  # ceil(0.5 * n_img)
+    new = len(out.token_ids) - 1  # the last token is chosen but not yet run
+    for layer in range(adapter_for(model).n_layers):
+        stored = state.cache.layers[layer].get_seq_length()
+        assert stored == (n_img if layer < 2 else kept) + n_text + new, layer
+
+
+def test_cli_generate(family, pictures, tmp_path, capsys):
+    from dyrate.cli import main
+
+    name, path, *_ = family
+    image = tmp_path / "a.png"
+    pictures[0].save(image)
+    assert main(["generate", "--model", str(path), "--image", str(image), "--prompt", "What?",
+                 "--policy", "fastv:k=2,r=0.5", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+def test_prompt_with_two_placeholders_is_one_line(family, pictures):
+    _, _, model, processor, _ = family
+    mark = processor.image_token
+    with pytest.raises(InputError, match="image placeholders"):
+        dyrate.generate(model, processor, pictures[:1], [f"{mark} a {mark} b"], max_new_tokens=2)
+
+
+def test_predictor_for_another_model_is_refused(family):
+    _, _, model, _, _ = family
+    from dyrate.assets import predictor_path
+
+    with pytest.raises(DyrateError, match="trained for") as err:
+        Engine(adapter_for(model), parse_policy(f"dyrate:k=2,predictor={predictor_path()}"), "evict")
+    assert "\n" not in str(err.value)
+
+
+def test_unsupported_model_class_names_the_supported_ones():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(CheckpointError, match="Qwen2_5_VLForConditionalGeneration"):
+        adapter_for(model)
