@@ -228,7 +228,7 @@ def test_resolve_shape(tmp_path):
     LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4).save_pretrained(
         tmp_path / "llama"
     )
-    with pytest.raises(CheckpointError, match="'llama' is not a LLaVA config"):
+    with pytest.raises(CheckpointError, match="'llama' is not supported"):
         resolve_shape(tmp_path / "llama")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):

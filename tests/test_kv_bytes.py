@@ -21,7 +21,7 @@ def test_trace_kv_bytes_equal_the_cache(tiny, images, prompts, spec, mode):
     batch = encode(processor, images[:1], prompts[:1], "cpu")
     eos = [model.generation_config.eos_token_id or 0]
     with torch.inference_mode():
-        [out], state = generate_tokens(engine, batch.input_ids, batch.attention_mask, batch.pixel_values,
+        [out], state = generate_tokens(engine, batch.input_ids, batch.attention_mask, batch.vision,
                                        GenerationOptions(max_new_tokens=5), eos, pad=0)
     shape = DecoderShape.from_config(model.config)
     groups = state.group[0, : batch.input_ids.shape[1]]

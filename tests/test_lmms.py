@@ -210,3 +210,35 @@ def test_two_processes_equal_one(tiny_dir, data_dir, tmp_path):
         outputs[name] = sorted((r["doc_id"], r["filtered_resps"]) for r in rows)
     assert [d for d, _ in outputs["one"]] == [0, 1, 2]  # every document once
     assert outputs["two"] == outputs["one"]
+
+
+@pytest.mark.parametrize("family", ["llava-next", "llava-onevision", "qwen2-vl", "qwen2.5-vl"])
+def test_other_families(family, images, tmp_path):
+    """The plugin loads every supported family: generation equals dyrate.generate, and with pruning
+    off the log-likelihood equals a plain forward pass of the model over context + continuation."""
+    from dyrate.testbed.families import save_family
+
+    torch.set_num_threads(1)
+    path = save_family(family, tmp_path / family)
+    model, processor = dyrate.load(path)
+    contexts = QUESTIONS[:2]
+    want = [o.text for o in dyrate.generate(model, processor, images[:2], contexts, policy=POLICY, max_new_tokens=4)]
+    lm = DyrateLlava(pretrained=str(path), policy="fastv:k=2|r=0.5", device="cpu")
+    docs = [{"i": i} for i in range(2)]
+    lm.task_dict = {"t": {"test": docs}}
+    gen = [Instance("generate_until", (c, {"max_new_tokens": 4, "until": []}, lambda d: [images[d["i"]]], i, "t", "test"),
+                    idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1}) for i, c in enumerate(contexts)]
+    assert [r.text for r in lm.generate_until(gen)] == want
+
+    full = DyrateLlava(pretrained=str(path), policy="none", device="cpu")
+    full.task_dict = {"t": {"test": docs}}
+    _, reqs = _requests(images, contexts, ["abc", "de"])
+    for (lp, _), ctx, cont, img in zip(full.loglikelihood(reqs), contexts, ["abc", "de"], images):
+        prompt = dyrate.api.build_prompt(processor, ctx)
+        batch = processor(images=[img], text=[prompt + cont], return_tensors="pt")
+        n = len(processor(images=[img], text=[prompt], return_tensors="pt")["input_ids"][0])
+        with torch.inference_mode():
+            logits = model(**batch).logits[0].float().log_softmax(-1)
+        ids = batch["input_ids"][0]
+        ref = sum(float(logits[j - 1, ids[j]]) for j in range(n, len(ids)))
+        assert lp == pytest.approx(ref, abs=1e-4), family

@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="local HF LLaVA checkpoint directory")
+    src.add_argument("--model", help="local HF checkpoint directory (LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL)")
     src.add_argument("--config", choices=sorted(RANDOM_CONFIGS), help="a named random-weight shape (with --random-weights)")
     p.add_argument("--random-weights", action="store_true", help="build --config with random weights (no download)")
     p.add_argument("--layers", type=POSITIVE, default=None, help="truncate the random model's decoder to L layers")

@@ -6,7 +6,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 def add_model_arguments(p) -> None:
-    p.add_argument("--model", default=None, help="local HF LLaVA checkpoint directory (default: the built-in testbed model)")
+    p.add_argument("--model", default=None, help="local HF checkpoint directory: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL or Qwen2.5-VL (default: the built-in testbed model)")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="weights dtype (default: as saved)")
 

@@ -1,7 +1,8 @@
 """Analytic FLOPs of a pruning policy, as a ratio to the unpruned model, without loading weights.
 
-The decoder shape comes from a named shape (llava-1.5-7b, llava-1.5-13b) or from the config.json
-of a local LLaVA checkpoint directory. Every figure names its convention:
+The decoder shape comes from a named shape (llava-1.5-7b, llava-1.5-13b, qwen2.5-vl-7b,
+llava-next-7b, llava-onevision-7b) or from the config.json of a local checkpoint directory of a
+supported family; --image-tokens sets the image tokens of one image where they depend on its size. Every figure names its convention:
   prefill  one forward over the prompt (FastV's Eq. 5, the papers' usual figure)
   cached   prefill plus the decode steps with a KV cache, as generation runs them
   nocache  every generated token recomputes the whole sequence
@@ -13,6 +14,7 @@ others with `dyrate generate --json` to get their measured FLOPs. See docs/flops
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from ..measure.flops import CONVENTIONS, FFN_VARIANTS, MAX_TOKENS, NAMED_SHAPES, policy_flops, resolve_shape
@@ -21,7 +23,8 @@ from .common import int_range
 EPILOG = """examples:
   dyrate flops --config llava-1.5-7b --policy fastv:k=2,r=0.5 --text-tokens 40
   dyrate flops --config llava-1.5-7b --policy vtw:k=16 --text-tokens 60 --new-tokens 30 --convention cached
-  dyrate flops --config path/to/llava-checkpoint --policy schedule:8=0.5,16=0.75 --text-tokens 40 --json"""
+  dyrate flops --config qwen2.5-vl-7b --image-tokens 1024 --policy fastv:k=2,r=0.75 --text-tokens 40
+  dyrate flops --config path/to/checkpoint --policy schedule:8=0.5,16=0.75 --text-tokens 40 --json"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.add_argument(
         "--config", required=True, metavar="NAME|DIR",
-        help=f"a named decoder shape ({', '.join(NAMED_SHAPES)}) or a local LLaVA checkpoint directory",
+        help=f"a named decoder shape ({', '.join(NAMED_SHAPES)}) or a local checkpoint directory",
+    )
+    parser.add_argument(
+        "--image-tokens", type=int_range(1, MAX_TOKENS), default=None, metavar="N",
+        help="image tokens of the image (default: the shape's; Qwen2-VL, LLaVA-NeXT and OneVision "
+        "give more tokens to larger images, see docs/models.md)",
     )
     parser.add_argument("--policy", required=True, metavar="SPEC", help="policy spec, e.g. fastv:k=2,r=0.5 or vtw:k=16")
     parser.add_argument(
@@ -63,6 +71,8 @@ def _flops(x: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     shape = resolve_shape(args.config)
+    if args.image_tokens is not None:
+        shape = dataclasses.replace(shape, n_img=args.image_tokens)
     result = policy_flops(shape, args.policy, args.text_tokens, args.new_tokens, args.convention, args.ffn)
     result.update(shape=shape.name, text_tokens=args.text_tokens, new_tokens=args.new_tokens)
     if args.json:

@@ -3,6 +3,7 @@
   dyrate testbed data  --seed 1 --n 500 --out runs/testbed-data
   dyrate testbed train --config base --steps 6000 --threads 2 --out runs/testbed --stop-after 1500
   dyrate testbed eval  --model runs/testbed --n 200
+  dyrate testbed tiny  --family qwen2.5-vl --out runs/tiny-qwen2.5-vl
 
 Training resumes when the same command is run again (state in OUT/train_state/).
 """
@@ -148,6 +149,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch intra-op threads [torch default]")
     p.add_argument("--json", type=Path, default=None, help="also write the metrics to this file")
     p.set_defaults(_testbed_run=_run_eval)
+
+    _add_tiny(sub)
+
+
+def _add_tiny(sub) -> None:
+    from ..testbed.families import FAMILIES
+
+    p = sub.add_parser(
+        "tiny",
+        help="write a tiny random checkpoint of a supported family (to try an adapter offline)",
+        description=(
+            "Write a tiny random-weight checkpoint of FAMILY (4 layers x 64, a character-level "
+            "tokenizer, the family's processor and chat-template layout) to OUT, loadable with "
+            "`dyrate generate --model OUT`. Its answers are noise: it is for trying the adapters "
+            f"and the pruning policies on every family, not for quality. Families: {', '.join(FAMILIES)}."
+        ),
+    )
+    p.add_argument("--family", required=True, choices=FAMILIES, help="model family")
+    p.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    p.add_argument("--seed", type=SEED, default=0, help="weight seed [0]")
+    p.set_defaults(_testbed_run=_run_tiny)
+
+
+def _run_tiny(args) -> int:
+    from ..testbed.families import save_family
+
+    writable_dir(args.out, "--out")
+    save_family(args.family, args.out, seed=args.seed)
+    print(json.dumps({"out": str(args.out), "family": args.family}))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -128,6 +128,23 @@ NAMED_SHAPES: dict[str, DecoderShape] = {
         "llava-1.5-13b", n_layers=40, hidden=5120, ffn=13824, n_heads=40, n_kv_heads=40,
         head_dim=128, n_img=576, vocab=32064,
     ),
+    # The families below turn one image into a number of tokens that depends on its size; n_img is
+    # the count for one stated resolution (docs/models.md); `dyrate flops --image-tokens` sets another.
+    # Qwen2.5-VL-7B-Instruct: a 448x448 image -> (448 / 28)^2 = 256 merged tokens.
+    "qwen2.5-vl-7b": DecoderShape(
+        "qwen2.5-vl-7b", n_layers=28, hidden=3584, ffn=18944, n_heads=28, n_kv_heads=4,
+        head_dim=128, n_img=256, vocab=152064,
+    ),
+    # llava-v1.6-vicuna-7b: a 672x672 image -> base 24x24 + a 2x2 crop grid (48x48) + 48 newlines.
+    "llava-next-7b": DecoderShape(
+        "llava-next-7b", n_layers=32, hidden=4096, ffn=11008, n_heads=32, n_kv_heads=32,
+        head_dim=128, n_img=576 + 48 * 48 + 48, vocab=32064,
+    ),
+    # llava-onevision-qwen2-7b: a 384x384 image -> base 27x27 + one crop (27x27) + 27 newlines.
+    "llava-onevision-7b": DecoderShape(
+        "llava-onevision-7b", n_layers=28, hidden=3584, ffn=18944, n_heads=28, n_kv_heads=4,
+        head_dim=128, n_img=729 + 729 + 27, vocab=152128,
+    ),
 }
 
 
@@ -153,10 +170,10 @@ def resolve_shape(name_or_dir: str | os.PathLike | DecoderShape) -> DecoderShape
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError) as err:
         raise CheckpointError(f"{config_file}: unreadable config ({err})") from None
-    if model_type != "llava":
+    if model_type not in _IMAGE_TOKENS:
         raise CheckpointError(
-            f"{config_file}: model_type {model_type!r} is not a LLaVA config; "
-            "dyrate flops supports model_type 'llava'"
+            f"{config_file}: model_type {model_type!r} is not supported; dyrate flops supports model_type "
+            + ", ".join(repr(t) for t in _IMAGE_TOKENS)
         )
     from transformers import AutoConfig
 
