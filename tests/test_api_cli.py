@@ -106,13 +106,13 @@ def test_api_bad_images_and_prompts(tiny, image_path, tmp_path):
         ([corrupt], ["Hi"], "cannot be read"),
         ([image_path], ["<image> and <image>"], "2 image placeholders"),
         ([image_path], ["   "], "empty prompt"),
-        ([image_path, image_path], ["Hi"], "one image per prompt"),
+        ([image_path, image_path], ["Hi"], "one list of images) per prompt"),
     ]
     for imgs, prompts, words in cases:
         with pytest.raises(InputError) as exc:
             dyrate.generate(*tiny, imgs, prompts)
         assert words in str(exc.value)
-    with pytest.raises(InputError, match="exactly once"):
+    with pytest.raises(InputError, match="one placeholder per image"):
         dyrate.generate(*tiny, [image_path], ["no placeholder here"], template=False)
 
 

@@ -100,14 +100,17 @@ def generate(
     template: bool | None = None,
     **options,
 ) -> list[GenerationResult]:
-    """Generate for a batch of (image, prompt) pairs under a pruning policy.
+    """Generate for a batch of (image, prompt) pairs under a pruning policy. A row's image may be a
+    list of images (multi-image prompt: one placeholder per image in a verbatim prompt, or the chat
+    template puts them first).
 
     options: do_sample, temperature, top_k, top_p, seed, num_beams, length_penalty, early_stopping.
     Returns one GenerationResult per row (text, new token ids, per-step trace, FLOPs)."""
     if isinstance(images, (str, Path, Image.Image)) or isinstance(prompts, str):
         raise InputError("images and prompts must be lists (one entry per row)")
     if len(images) != len(prompts) or not prompts:
-        raise InputError(f"need one image per prompt, got {len(images)} images and {len(prompts)} prompts")
+        raise InputError(f"need one image (or one list of images) per prompt, got {len(images)} image entries "
+                         f"and {len(prompts)} prompts")
     unknown = set(options) - set(GenerationOptions.__dataclass_fields__)
     if unknown:
         raise InputError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
@@ -129,7 +132,8 @@ def generate(
     elem = next(model.parameters()).element_size()  # KV entries are stored in the weights' dtype
     eos, pad = _special_ids(model, processor)
     with torch.inference_mode():
-        outputs, state = generate_tokens(engine, input_ids, batch.attention_mask, batch.vision, opts, eos, pad)
+        outputs, state = generate_tokens(engine, input_ids, batch.attention_mask, batch.vision, opts, eos, pad,
+                                         batch.images_per_row)
     records = host_records(state.records)
     results = []
     for i, out in enumerate(outputs):

@@ -38,7 +38,7 @@ class ModelAdapter(Protocol):
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
         """Position embeddings for (A, B, q) positions, as the decoder layers expect them."""
 
-    def repeat_rows(self, vision, n: int) -> dict[str, torch.Tensor]:
+    def repeat_rows(self, vision, n: int, images_per_row: list[int] | None = None) -> dict[str, torch.Tensor]:
         """Vision inputs with every row repeated n times in place (beam search)."""
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

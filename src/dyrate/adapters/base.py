@@ -68,10 +68,20 @@ class DecoderAdapter:
         """Position embeddings (cos, sin) for (A, B, q) positions, as the decoder layers take them."""
         return self._rotary(hidden, position_ids=positions[0])
 
-    def repeat_rows(self, vision: Vision, n: int) -> dict[str, torch.Tensor]:
-        """Vision inputs for every row repeated n times in place (beam search: (B, ...) -> (B*n, ...)).
-        Default: every tensor has one entry per row along dim 0."""
-        return {k: v.repeat_interleave(n, dim=0) for k, v in vision.items()}
+    PER_IMAGE = ("pixel_values", "image_sizes", "image_grid_thw")  # vision inputs with one entry per image
+
+    def repeat_rows(self, vision: Vision, n: int, images_per_row: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """Vision inputs with every row repeated n times in place (beam search: B rows -> B*n).
+        Per-image inputs (`PER_IMAGE`, the batch's images in row order) repeat each row's images
+        as a block; the others have one entry per row. images_per_row: None means one each."""
+        out = {}
+        for key, value in vision.items():
+            if key in self.PER_IMAGE and images_per_row is not None:
+                blocks = value.split(images_per_row)  # one block per row
+                out[key] = torch.cat([blk for blk in blocks for _ in range(n)])
+            else:
+                out[key] = value.repeat_interleave(n, dim=0)
+        return out
 
     # ------------------------------------------------------------------ output, groups
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

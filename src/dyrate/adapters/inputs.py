@@ -40,9 +40,10 @@ def read_image(image) -> Image.Image:
         raise InputError(f"image {str(path)!r} cannot be read ({err.__class__.__name__}: {err})") from None
 
 
-def build_prompt(processor, prompt: str, template: bool | None = None) -> str:
-    """A prompt holding the image placeholder once is used verbatim; one without it goes through the
-    processor's chat template (template=True forces the template, False forces verbatim)."""
+def build_prompt(processor, prompt: str, template: bool | None = None, n_images: int = 1) -> str:
+    """A prompt holding image placeholders is used verbatim (one placeholder per image, where the
+    image goes); one without goes through the processor's chat template, which puts the n images
+    first (template=True forces the template, False forces verbatim)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("empty prompt")
     try:
@@ -51,30 +52,40 @@ def build_prompt(processor, prompt: str, template: bool | None = None) -> str:
         raise InputError("prompt is not valid UTF-8 text") from None
     mark = placeholder(processor)
     n = prompt.count(mark)
-    if n > 1:
-        raise InputError(f"prompt has {n} image placeholders {mark!r}; exactly one image per prompt is supported")
-    if template is False or (template is None and n == 1):
-        if n != 1:
-            raise InputError(f"a verbatim prompt must contain the image placeholder {mark!r} exactly once")
+    images = f"{n_images} image{'s' if n_images != 1 else ''}"
+    if template is False or (template is None and n > 0):
+        if n != n_images:
+            raise InputError(f"prompt has {n} image placeholders {mark!r} but {images} {'was' if n_images == 1 else 'were'} "
+                             f"given: a verbatim prompt needs one placeholder per image")
         return prompt
     if n:
         raise InputError(f"with the chat template, leave the image placeholder {mark!r} out of the prompt")
     if not getattr(processor, "chat_template", None):
         raise InputError(f"prompt has no image placeholder {mark!r} and the processor has no chat template")
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+    content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def row_images(entry) -> list:
+    """One row's images: a single image (path or PIL) or a non-empty list of them."""
+    if isinstance(entry, (list, tuple)):
+        if not entry:
+            raise InputError("a row has an empty list of images (give at least one)")
+        return list(entry)
+    return [entry]
 
 
 @dataclass
 class Encoded:
     """A processed batch on the model's device. input_ids, attention_mask: (B, P), left padded;
-    vision: the processor's other outputs (LLaVA: pixel_values (B, 3, H, W); LLaVA-NeXT: plus
-    image_sizes; Qwen2-VL: flattened patches, image_grid_thw, mm_token_type_ids), as the model's
-    forward takes them."""
+    vision: the processor's other outputs (LLaVA: pixel_values (N, 3, H, W) for the batch's N
+    images in row order; LLaVA-NeXT: plus image_sizes; Qwen2-VL: flattened patches,
+    image_grid_thw, mm_token_type_ids), as the model's forward takes them; images_per_row: (B,)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     vision: dict[str, torch.Tensor]
+    images_per_row: list[int]
 
     @property
     def n_prompt(self) -> int:
@@ -84,11 +95,14 @@ class Encoded:
 
 def encode(processor, images: Sequence, prompts: Sequence[str], device, template: bool | None = None,
            texts: Sequence[str] | None = None) -> Encoded:
-    """Read the images, build the prompts (`build_prompt`) and run the processor, left padded, onto
-    `device`. `texts`: prompts already built (verbatim, the image placeholder included)."""
-    pil = [read_image(img) for img in images]
+    """Read the images (per row: one image or a list, `row_images`), build the prompts
+    (`build_prompt`) and run the processor, left padded, onto `device`. `texts`: prompts already
+    built (verbatim, the image placeholders included)."""
+    rows = [[read_image(img) for img in row_images(entry)] for entry in images]
     if texts is None:
-        texts = [build_prompt(processor, p, template) for p in prompts]
-    batch = processor(images=pil, text=list(texts), return_tensors="pt", padding=True, padding_side="left")
+        texts = [build_prompt(processor, p, template, len(row)) for p, row in zip(prompts, rows)]
+    flat = [img for row in rows for img in row]
+    nested = rows if any(len(row) > 1 for row in rows) else flat
+    batch = processor(images=nested, text=list(texts), return_tensors="pt", padding=True, padding_side="left")
     vision = {k: v.to(device) for k, v in batch.items() if k not in ("input_ids", "attention_mask") and torch.is_tensor(v)}
-    return Encoded(batch["input_ids"].to(device), batch["attention_mask"].to(device), vision)
+    return Encoded(batch["input_ids"].to(device), batch["attention_mask"].to(device), vision, [len(r) for r in rows])

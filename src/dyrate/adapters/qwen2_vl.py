@@ -8,7 +8,7 @@ after pruning or eviction; a generated token is the row's last position + 1 on e
 is what `model.generate` computes (`cache_position + rope_deltas`). Pruning acts on the tokens after
 the vision merger (one token per 2x2 patches). Images of different sizes give rows with different
 image-token counts; the processor flattens every image's patches into one `pixel_values` tensor,
-so `repeat_rows` splits it by each image's `image_grid_thw`."""
+so `repeat_rows` splits it by each row's images' `image_grid_thw`."""
 
 from __future__ import annotations
 
@@ -35,10 +35,13 @@ class Qwen2VLAdapter(DecoderAdapter):
     def rotary(self, hidden: torch.Tensor, positions: torch.Tensor):
         return self._rotary(hidden, position_ids=positions)  # (3, B, q) -> cos, sin (B, q, head_dim)
 
-    def repeat_rows(self, vision: Vision, n: int) -> dict[str, torch.Tensor]:
-        # One image per row (adapters/inputs.py): image i of the batch is row i's.
-        grid = vision["image_grid_thw"]  # (n_img, 3): patches per image = t * h * w
-        chunks = vision["pixel_values"].split(grid.prod(-1).tolist())  # per image (n_patches_i, C*p*p)
-        out = {k: v.repeat_interleave(n, dim=0) for k, v in vision.items()}  # per-row tensors
-        out["pixel_values"] = torch.cat([c for c in chunks for _ in range(n)])
+    def repeat_rows(self, vision: Vision, n: int, images_per_row: list[int] | None = None) -> dict[str, torch.Tensor]:
+        grid = vision["image_grid_thw"]  # (N_img, 3): patches per image = t * h * w
+        per_row = images_per_row or [1] * grid.shape[0]
+        rows_grid = grid.split(per_row)  # each row's images
+        patches = [int(g.prod(-1).sum()) for g in rows_grid]
+        rows_pixels = vision["pixel_values"].split(patches)  # each row's flattened patches (n_patches, C*p*p)
+        out = {k: v.repeat_interleave(n, dim=0) for k, v in vision.items() if k not in ("pixel_values", "image_grid_thw")}
+        out["pixel_values"] = torch.cat([px for px in rows_pixels for _ in range(n)])
+        out["image_grid_thw"] = torch.cat([g for g in rows_grid for _ in range(n)])
         return out

@@ -1,7 +1,8 @@
-"""Generate text for one image with a pruning policy.
+"""Generate text for one prompt about one or more images with a pruning policy.
 
-A prompt that contains the image placeholder <image> is used verbatim; otherwise the processor's
-chat template builds the prompt around it. With --json, stdout is exactly one JSON object:
+A prompt that contains the image placeholder (<image>; <|image_pad|> for Qwen2-VL) once per image
+is used verbatim; otherwise the processor's chat template builds the prompt with the images first.
+Give --image several times for a multi-image prompt. With --json, stdout is exactly one JSON object:
 {"text", "token_ids" (new tokens only), "trace" (one entry per generated token: attention shares
 at the probe layer, chosen rate, image tokens kept per layer, FLOPs of the step), "flops" (ratio,
 flops, full_flops per convention: prefill, cached, nocache), "retained"}.
@@ -9,6 +10,7 @@ flops, full_flops per convention: prefill, cached, nocache), "retained"}.
 Example:
   dyrate generate --model ./llava-ckpt --image cat.png --prompt "Describe the image." \\
       --policy fastv:k=2,r=0.5 --max-new-tokens 32
+  dyrate generate --model ./qwen2.5-vl --image a.png --image b.png --prompt "What differs?"
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(p)
-    p.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
-    p.add_argument("--prompt", required=True, help="question or instruction; may contain <image> to be used verbatim")
+    p.add_argument("--image", required=True, action="append",
+                   help="image file (PNG, JPEG, ...); repeat for a multi-image prompt")
+    p.add_argument("--prompt", required=True,
+                   help="question or instruction; with one image placeholder per image it is used verbatim")
     p.add_argument("--policy", default="none", help="pruning policy spec, e.g. none, fastv:k=2,r=0.5, vtw:k=16, "
                    "fixed:k=2,r=0.5, schedule:4=0.5,8=0.75 (default: none)")
     p.add_argument("--mode", default="evict", choices=["evict", "mask"],
@@ -48,13 +52,13 @@ def run(args: argparse.Namespace) -> int:
     from .common import load_model
 
     # Check the cheap things before loading a model.
-    image = read_image(args.image)
+    images = [read_image(path) for path in args.image]
     parse_policy(args.policy)
     GenerationOptions(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     [res] = generate(
-        model, processor, [image], [args.prompt], policy=args.policy, mode=args.mode,
+        model, processor, [images], [args.prompt], policy=args.policy, mode=args.mode,
         max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
         do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
     )

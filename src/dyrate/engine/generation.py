@@ -74,12 +74,14 @@ class RowOutput:
     steps: list[int]  # for each new token, the engine row that produced it (records index by step)
 
 
-def generate_tokens(engine: Engine, input_ids, attention_mask, vision, opts: GenerationOptions, eos: list[int], pad: int):
-    """Generate for a batch. Returns (outputs per input row, final DecodeState)."""
+def generate_tokens(engine: Engine, input_ids, attention_mask, vision, opts: GenerationOptions, eos: list[int], pad: int,
+                    images_per_row: list[int] | None = None):
+    """Generate for a batch. Returns (outputs per input row, final DecodeState). images_per_row:
+    (B,) image count of each row when some row has several (beam search repeats rows)."""
     if opts.seed is not None:
         torch.manual_seed(opts.seed)
     if opts.num_beams > 1:
-        return _beam_search(engine, input_ids, attention_mask, vision, opts, eos, pad)
+        return _beam_search(engine, input_ids, attention_mask, vision, opts, eos, pad, images_per_row)
     return _sample(engine, input_ids, attention_mask, vision, opts, eos, pad)
 
 
@@ -111,14 +113,14 @@ def _sample(engine, input_ids, attention_mask, vision, opts, eos, pad):
     return outputs, state
 
 
-def _beam_search(engine, input_ids, attention_mask, vision, opts, eos, pad):
+def _beam_search(engine, input_ids, attention_mask, vision, opts, eos, pad, images_per_row=None):
     nb, lp = opts.num_beams, opts.length_penalty
     b, prompt_len = input_ids.shape
     device = input_ids.device
     # (B, P) -> (B * nb, P): every beam starts from its prompt
     input_ids = input_ids.repeat_interleave(nb, dim=0)
     attention_mask = attention_mask.repeat_interleave(nb, dim=0)
-    vision = engine.adapter.repeat_rows(as_vision(vision), nb)
+    vision = engine.adapter.repeat_rows(as_vision(vision), nb, images_per_row)
     eos_t = torch.tensor(eos, device=device)
     keep = max(2, 1 + len(eos)) * nb  # continuations considered per batch item
     top_nb = torch.arange(keep, device=device) < nb
