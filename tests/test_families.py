@@ -226,3 +226,44 @@ def test_image_count_must_match_placeholders(family, pictures):
         dyrate.generate(model, processor, [pictures[:2]], [f"{mark} a"], max_new_tokens=2)
     with pytest.raises(InputError, match="empty list of images"):
         dyrate.generate(model, processor, [[]], ["Hi"], max_new_tokens=2)
+
+
+# ---------------------------------------------------------------- DyRate on every family
+@pytest.mark.parametrize("arch", ["mlp", "gru"])
+def test_predictor_forced_to_one_bin_equals_fixed(family, pictures, tmp_path, arch):
+    """A predictor made for this model whose argmax is always bin 6 equals fixed:k=2,r=0.6."""
+    from dyrate.learn.predictors import new_predictor, save_predictor
+
+    _, _, model, processor, _ = family
+    pred = new_predictor(arch, bins=10, k=2, history=3, model=model, features=("shares", "step", "hidden"))
+    head = pred.net[-1] if arch == "mlp" else pred.head
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[6] = 1e4
+    path = save_predictor(pred, tmp_path / "p.safetensors")
+    policy = {"mlp": "dyrate", "gru": "dyrate-rnn"}[arch]
+    ours = dyrate.generate(model, processor, pictures, PROMPTS, policy=f"{policy}:k=2,predictor={path}", max_new_tokens=5)
+    ref = dyrate.generate(model, processor, pictures, PROMPTS, policy="fixed:k=2,r=0.6", max_new_tokens=5)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in ref]
+    assert [[e["kept"] for e in r.trace] for r in ours] == [[e["kept"] for e in r.trace] for r in ref]
+
+
+def test_train_predictor_for_the_family(family, tmp_path, capsys):
+    """`dyrate train-predictor` on the family's checkpoint writes a predictor that `dyrate generate`
+    runs; another family's checkpoint refuses it with one line."""
+    from dyrate.cli import main
+
+    name, path, *_ = family
+    out = tmp_path / "p.safetensors"
+    assert main(["train-predictor", "--model", str(path), "--testbed", "--arch", "mlp", "--target-keep", "0.5",
+                 "--steps", "3", "--samples", "3", "--max-new-tokens", "4", "--no-progress", "--out", str(out)]) == 0
+    image = tmp_path / "a.png"
+    Image.new("RGB", (64, 48), "red").save(image)
+    args = ["generate", "--image", str(image), "--prompt", "What?", "--policy", f"dyrate:k=2,predictor={out}",
+            "--max-new-tokens", "3"]
+    assert main([*args, "--model", str(path)]) == 0
+    other = save_family("qwen2.5-vl" if name == "qwen2-vl" else "qwen2-vl", tmp_path / "other")
+    capsys.readouterr()
+    assert main([*args, "--model", str(other)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dyrate generate: error")]
+    assert len(errors) == 1 and "trained for another model" in errors[0]

@@ -92,7 +92,10 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.k < n_layers:
         raise InputError(f"--k {args.k} must lie in 1..{n_layers - 1} for this {n_layers}-layer decoder")
     if args.testbed:
-        samples = predictor_samples(model.config.vision_config.image_size, args.samples, args.seed)
+        # scenes at the vision tower's input size (LLaVA-1.5); families that take any size get the
+        # testbed's 96 pixels
+        size = getattr(model.config.vision_config, "image_size", None) or 96
+        samples = predictor_samples(size, args.samples, args.seed)
     else:
         samples = training_samples(args.data, args.samples)
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.json else None

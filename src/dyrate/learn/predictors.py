@@ -63,8 +63,11 @@ SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_at
 # ---------------------------------------------------------------- model fingerprint
 
 
-def image_token_count(config) -> int:
-    """Image tokens per image of a LLaVA config (patches, plus the CLS token for strategy 'full')."""
+def image_token_count(config) -> int | None:
+    """Image tokens per image of a LLaVA config (patches, plus the CLS token for strategy 'full');
+    None for the families whose count depends on the image (LLaVA-NeXT, OneVision, Qwen2-VL)."""
+    if getattr(config, "model_type", "llava") != "llava":
+        return None
     vision = config.vision_config
     n = (vision.image_size // vision.patch_size) ** 2
     if getattr(config, "vision_feature_select_strategy", "default") == "full":
@@ -73,13 +76,17 @@ def image_token_count(config) -> int:
 
 
 def model_fingerprint(model_or_config) -> dict:
-    """Shape fields of the decoder, the image-token count, and a short hash of both."""
+    """Shape fields of the decoder, the image-token count, and a short hash of both. Families other
+    than LLaVA-1.5 also record their model_type (LLaVA-1.5 files predate the field and keep their
+    hash), so two families with one decoder shape are told apart."""
     config = getattr(model_or_config, "config", model_or_config)
     text = config.get_text_config()
     fields = {name: getattr(text, name, None) for name in SHAPE_FIELDS}
     if fields["head_dim"] is None and fields["hidden_size"] and fields["num_attention_heads"]:
         fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
     fields["n_img"] = image_token_count(config)
+    if getattr(config, "model_type", "llava") != "llava":
+        fields["model_type"] = config.model_type
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return {"hash": digest, **fields}
 
