@@ -19,6 +19,7 @@ markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -30,7 +31,7 @@ import torch
 
 from dyrate.adapters import adapter_for
 from dyrate.engine import Engine, GenerationOptions, generate_tokens
-from dyrate.measure.bench import lengths, make_inputs, random_llava
+from dyrate.measure.shapes import make_inputs, random_model
 from dyrate.measure.flops import DecoderShape, policy_flops
 from dyrate.policies import parse_policy
 
@@ -57,27 +58,31 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                     help="default: float16 on CUDA, float32 on CPU")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--image-side", type=int, default=None,
+                    help="image side in pixels for the families whose token count depends on it (default per family)")
     ap.add_argument("--no-static", action="store_true", help="leave out model.generate with the static cache")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if args.device.startswith("cuda") else torch.float32)
-    model = random_llava(args.config, args.layers, dtype=dtype, device=args.device)
+    model = random_model(args.config, args.layers, dtype=dtype, device=args.device)
     model.generation_config.eos_token_id = None  # exactly --new-tokens tokens on every side
     adapter = adapter_for(model)
     engines = {"dyrate none": Engine(adapter, parse_policy("none")),
                f"dyrate {args.policy}": Engine(adapter, parse_policy(args.policy))}
-    shape = DecoderShape.from_config(model.config)
-    n_sys, n_img, n_ins = lengths(model, args.text_tokens)
-    ideal = 1 / policy_flops(shape, args.policy, n_sys + n_ins)["ratio"]  # prefill FLOPs-implied TTFT speed-up
+    probe = make_inputs(model, 1, args.text_tokens, args.device, image_side=args.image_side)
+    n_img = probe.n_img
+    shape = dataclasses.replace(DecoderShape.from_config(model.config), n_img=n_img)  # this image's token count
+    ideal = 1 / policy_flops(shape, args.policy, args.text_tokens)["ratio"]  # prefill FLOPs-implied TTFT speed-up
     rows = []
     for b in map(int, args.batch.split(",")):
-        ids, mask, pixels = make_inputs(model, b, args.text_tokens, args.device)
+        inp = make_inputs(model, b, args.text_tokens, args.device, image_side=args.image_side)
+        ids, mask, vision = inp.input_ids, inp.attention_mask, inp.vision
 
         def hf(n, cache=None):
             kw = {"cache_implementation": cache} if cache else {}
             with torch.inference_mode():
-                out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, max_new_tokens=n,
+                out = model.generate(input_ids=ids, attention_mask=mask, **vision, max_new_tokens=n,
                                      min_new_tokens=n, do_sample=False, return_dict_in_generate=True, **kw)
             kv = out.past_key_values
             held = sum(layer.keys.nbytes + layer.values.nbytes for layer in kv.layers if layer.keys is not None)
@@ -86,7 +91,7 @@ def main() -> None:
         def ours(engine):
             def run(n):
                 with torch.inference_mode():
-                    outs, state = generate_tokens(engine, ids, mask, pixels, GenerationOptions(max_new_tokens=n), [], 0)
+                    outs, state = generate_tokens(engine, ids, mask, vision, GenerationOptions(max_new_tokens=n), [], 0)
                 held = sum(getattr(layer, "reserved_bytes", 0) for layer in state.cache.layers)
                 return [o.token_ids for o in outs], held
             return run

@@ -20,7 +20,8 @@ import time
 import torch
 
 from dyrate.adapters import adapter_for
-from dyrate.measure.bench import conditions, make_inputs, random_llava
+from dyrate.measure.bench import conditions
+from dyrate.measure.shapes import make_inputs, random_model
 from dyrate.engine import Engine
 from dyrate.policies import parse_policy
 
@@ -36,13 +37,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = random_llava(args.config, layers=args.layers)
+    model = random_model(args.config, layers=args.layers)
     adapter = adapter_for(model)
     specs = ["none", f"none:k={args.k}", f"fixed:k={args.k},r=0"]
     engines = [Engine(adapter, parse_policy(s)) for s in specs]
     results = []
     for b in map(int, args.batch.split(",")):
-        ids, mask, pixels = make_inputs(model, b, 40, "cpu")
+        inp = make_inputs(model, b, 40, "cpu")
+        ids, mask, pixels = inp.input_ids, inp.attention_mask, inp.vision
         times = {s: [] for s in specs}
         with torch.inference_mode():
             for r in range(args.rounds + 1):  # round 0 is warm-up

@@ -13,7 +13,7 @@ import time
 import torch
 
 from dyrate.adapters import adapter_for
-from dyrate.measure.bench import make_inputs, random_llava
+from dyrate.measure.shapes import make_inputs, random_model
 from dyrate.engine import Engine
 from dyrate.policies import parse_policy
 
@@ -27,8 +27,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = random_llava(args.config)
-    ids, mask, pixels = make_inputs(model, args.batch, 40, "cpu")
+    model = random_model(args.config)
+    inp = make_inputs(model, args.batch, 40, "cpu")
+    ids, mask, pixels = inp.input_ids, inp.attention_mask, inp.vision
     engine = Engine(adapter_for(model), parse_policy(args.policy))
     with torch.inference_mode():
         logits, state = engine.prefill(ids, mask, pixels)

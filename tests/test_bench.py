@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from dyrate.measure.bench import RANDOM_CONFIGS, bench, random_llava
+from dyrate.measure.bench import RANDOM_CONFIGS, bench, random_model
+from dyrate.measure.shapes import make_inputs
 from dyrate.cli import main
 from dyrate.errors import InputError
 
@@ -27,14 +28,54 @@ def test_bench_rows(tiny):
 
 
 def test_random_configs_are_shape_faithful():
-    model = random_llava("llava-1.5-7b", layers=1, device="meta")
+    model = random_model("llava-1.5-7b", layers=1, device="meta")
     cfg = model.config.text_config
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads) == (4096, 11008, 32)
     assert cfg.num_hidden_layers == 1
     assert (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2 == 576
     with pytest.raises(InputError):
-        random_llava("llava-1.5-7b", layers=33, device="meta")
-    assert {"medium", "llava-1.5-7b", "llava-1.5-13b"} <= set(RANDOM_CONFIGS)
+        random_model("llava-1.5-7b", layers=33, device="meta")
+    assert {"medium", "llava-1.5-7b", "llava-1.5-13b", "qwen2.5-vl-7b", "llava-next-7b", "llava-onevision-7b"} <= set(RANDOM_CONFIGS)
+
+
+@pytest.mark.parametrize("name,decoder,vision", [
+    ("qwen2.5-vl-7b", (28, 3584, 18944, 28, 4, 152064), (32, 1280)),
+    ("llava-next-7b", (32, 4096, 11008, 32, 32, 32064), (24, 1024)),
+    ("llava-onevision-7b", (28, 3584, 18944, 28, 4, 152128), (26, 1152)),
+])
+def test_family_shapes_follow_the_published_configs(name, decoder, vision):
+    """The named 7B shapes (built on the meta device: no memory) and their truncation."""
+    from dyrate.measure.flops import NAMED_SHAPES
+
+    model = random_model(name, device="meta")
+    t, v = model.config.get_text_config(), model.config.vision_config
+    assert (t.num_hidden_layers, t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads,
+            t.vocab_size) == decoder
+    assert (getattr(v, "depth", None) or v.num_hidden_layers, v.hidden_size) == vision
+    shape = NAMED_SHAPES[name]  # dyrate flops' shape of the same name agrees
+    assert (shape.n_layers, shape.hidden, shape.ffn, shape.n_heads, shape.n_kv_heads) == decoder[:5]
+    assert random_model(name, layers=2, vision_layers=1, device="meta").config.get_text_config().num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("family", ["llava-next", "llava-onevision", "qwen2.5-vl"])
+def test_bench_on_every_family(family, tmp_path):
+    """`bench` runs on each family's checkpoint with inputs in its layout; the image-token count follows
+    the image side, and FastV's rows keep what they should."""
+    import dyrate
+    from dyrate.testbed.families import save_family
+
+    from PIL import Image
+
+    from dyrate.adapters.inputs import encode
+
+    model, processor = dyrate.load(save_family(family, tmp_path / family))
+    for side in (56, 112):  # the image-token count of the family's own processor for an image of that side
+        real = encode(processor, [Image.new("RGB", (side, side), "red")], ["Hi"], "cpu")
+        assert make_inputs(model, 1, 8, "cpu", image_side=side).n_img == int((real.input_ids == model.config.image_token_id).sum())
+    rows = bench(model, ["none", "fastv:k=2,r=0.5"], [2], new_tokens=3, text_tokens=8, repeats=1, image_side=112)
+    none, fastv = rows
+    assert none.retained == 1.0 and fastv.retained == pytest.approx(0.5, abs=0.05)
+    assert none.peak_kv_bytes > fastv.peak_kv_bytes
 
 
 def test_cli_bench_json(tiny_dir, capsys):
@@ -89,7 +130,7 @@ def test_gpu_script_runs_on_the_cpu_with_a_small_shape(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PY": sys.executable, "CONFIG": "medium", "LAYERS": "3", "BATCH": "1", "DEVICE": "cpu",
+    env = {**os.environ, "PY": sys.executable, "CONFIGS": "medium", "LAYERS": "3", "BATCH": "1", "DEVICE": "cpu",
            "DTYPE": "float32", "NEW_TOKENS": "2", "REPEATS": "1", "OMP_NUM_THREADS": "1"}
     run = subprocess.run(["bash", str(root / "benchmarks" / "gpu.sh"), str(tmp_path)], cwd=root, env=env,
                          capture_output=True, text=True, timeout=300)

@@ -7,6 +7,7 @@ shapes) are printed, and the last line of output is one JSON object. Uses CUDA w
 Examples:
   dyrate bench --config medium --random-weights --batch 1,16
   dyrate bench --config llava-1.5-7b --random-weights --layers 4 --batch 1 --new-tokens 16
+  dyrate bench --config qwen2.5-vl-7b --random-weights --layers 4 --image-side 896 --batch 1
   dyrate bench --model ./llava-ckpt --policies "none;fastv:k=2,r=0.5" --batch 1,8
 """
 
@@ -20,7 +21,7 @@ DEFAULT_POLICIES = "none;fastv:k=2,r=0.5;fastv:k=2,r=0.75;vtw:k=2"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..measure.bench import RANDOM_CONFIGS
-    from .common import NONNEGATIVE as NONNEG, POSITIVE
+    from .common import NONNEGATIVE as NONNEG, POSITIVE, int_range
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     src = p.add_mutually_exclusive_group()
@@ -28,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", choices=sorted(RANDOM_CONFIGS), help="a named random-weight shape (with --random-weights)")
     p.add_argument("--random-weights", action="store_true", help="build --config with random weights (no download)")
     p.add_argument("--layers", type=POSITIVE, default=None, help="truncate the random model's decoder to L layers")
+    p.add_argument("--image-side", type=int_range(28, 4096), default=None, metavar="PX",
+                   help="side of the square input image for the families that give larger images more tokens "
+                   "(default: Qwen2-VL 448, LLaVA-NeXT 672, OneVision 384; LLaVA-1.5 always its tower's size)")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help=f"specs separated by ';' (default: {DEFAULT_POLICIES})")
     p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
     p.add_argument("--new-tokens", type=POSITIVE, default=64, help="tokens generated per row (default 64)")
@@ -47,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
     from rich.table import Table
 
-    from ..measure.bench import bench, conditions, random_llava
+    from ..measure.bench import bench, conditions, random_model
     from ..errors import InputError
     from .common import check_device, policy_list
 
@@ -69,17 +73,17 @@ def run(args: argparse.Namespace) -> int:
     elif args.config:
         if not args.random_weights:
             raise InputError("--config needs --random-weights (named shapes are built with random weights)")
-        model = random_llava(args.config, args.layers, dtype=dtype, device=device)
+        model = random_model(args.config, args.layers, dtype=dtype, device=device)
     else:
         raise InputError("give --model DIR or --config NAME --random-weights")
     console = Console(stderr=args.json, width=None if Console().is_terminal else 150)
-    cond = conditions(model, args.text_tokens, args.new_tokens, args.mode)
+    cond = conditions(model, args.text_tokens, args.new_tokens, args.mode, args.image_side)
     console.print("conditions: " + ", ".join(f"{k}={v}" for k, v in cond.items()))
     total = len(specs) * len(batches) * args.repeats
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("benchmarking", total=total)
         rows = bench(model, specs, batches, args.new_tokens, args.text_tokens, args.repeats, args.mode,
-                     progress=lambda: progress.advance(task))
+                     progress=lambda: progress.advance(task), image_side=args.image_side)
     base = {r.batch: r for r in rows if r.policy == "none"}
     for b in batches:
         table = Table(title=f"batch {b}")
