@@ -267,3 +267,16 @@ def test_train_predictor_for_the_family(family, tmp_path, capsys):
     assert main([*args, "--model", str(other)]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dyrate generate: error")]
     assert len(errors) == 1 and "trained for another model" in errors[0]
+
+
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+def test_every_policy_runs(family, pictures, mode):
+    """none, fastv, vtw, fixed, schedule and random on every family: each keeps what its rule says."""
+    _, _, model, processor, _ = family
+    specs = {"none": 1.0, "fastv:k=2,r=0.5": 0.5, "vtw:k=2": 0.0, "fixed:k=2,r=0.75": 0.25,
+             "schedule:1=0.5,3=0.9": None, "random:k=2,r=0.5": 0.5}
+    for spec, kept in specs.items():
+        [res] = dyrate.generate(model, processor, pictures[2:], PROMPTS[2:], policy=spec, mode=mode, max_new_tokens=3)
+        assert len(res.token_ids) >= 1
+        if kept is not None:
+            assert res.retained == pytest.approx(kept, abs=0.13), spec  # ceil of a few image tokens
