@@ -137,8 +137,9 @@ def generate(
     records = host_records(state.records)
     results = []
     for i, out in enumerate(outputs):
-        row_groups = state.group[out.steps[0] if out.steps else i, : input_ids.shape[1]]
-        n_img = int((row_groups == IMG).sum())
+        first_row = out.steps[0] if out.steps else i
+        row_groups = state.group[first_row, : state.n_prompt]
+        n_img = int(state.n_img[first_row])  # before any pre-LLM reduction
         n_text = int(((row_groups != IMG) & (row_groups != PAD)).sum())
         trace, fl, retained, kv = row_trace(engine, records, out.steps, shape, n_img, n_text, elem)
         text = processor.tokenizer.decode(out.token_ids, skip_special_tokens=True)

@@ -56,6 +56,13 @@ class DecoderAdapter:
     def _image_features(self, vision: Vision):
         raise NotImplementedError
 
+    def image_views(self, vision: Vision) -> list:
+        """One `ImageView` per image of the batch, in order (pre-LLM reduction). Default: the
+        decoder-ready features only (no vision-tower internals)."""
+        from .vision import ImageView
+
+        return [ImageView(f) for f in self._image_features(vision)]
+
     # ------------------------------------------------------------------ positions
     def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: Vision) -> torch.Tensor:
         """RoPE positions of the prompt, (A, B, P) long with A axes (1 for 1-D RoPE), left padding

@@ -35,6 +35,7 @@ from ..adapters.attention import ProbeRequest
 from ..errors import InputError
 from ..policies import Policy, Probe
 from .cache import growing_cache
+from .prellm import shrink_prompt
 
 MODES = ("evict", "mask")
 
@@ -109,6 +110,7 @@ class DecodeState:
     pos: torch.Tensor  # (A, B, C) long, RoPE position of every column on each of A axes
     n_img: torch.Tensor  # (B,) long, image tokens of each row
     policy_state: dict[str, torch.Tensor]
+    n_prompt: int = 0  # prompt columns (after any pre-LLM reduction)
     step: int = 0
     records: list[dict] = field(default_factory=list)  # one per forward pass (Engine._new_record)
 
@@ -152,20 +154,26 @@ class Engine:
         Returns the logits of the last prompt token (B, V) and the state for decoding."""
         a = self.adapter
         vision = as_vision(vision)
+        if self.policy.pre_llm:  # the images' tokens are reduced before the decoder (engine/prellm.py)
+            input_ids, attention_mask, pos, hidden, n_img = shrink_prompt(a, self.policy, input_ids, attention_mask,
+                                                                          vision)
+        else:
+            pos = a.positions(input_ids, attention_mask, vision)  # (A, B, P)
+            hidden = a.embed(input_ids, vision)  # (B, P, d)
+            n_img = None
         b, p = input_ids.shape
         device = input_ids.device
         valid = attention_mask.bool()
         group = a.token_groups(input_ids, valid)  # (B, P)
-        pos = a.positions(input_ids, attention_mask, vision)  # (A, B, P)
         state = DecodeState(
             cache=growing_cache(),
             segments=[],
             group=group,
             pos=pos,
-            n_img=(group == IMG).sum(1),
+            n_img=(group == IMG).sum(1) if n_img is None else n_img,  # image tokens before any reduction
             policy_state=self.policy.init_state(b, device),
+            n_prompt=p,
         )
-        hidden = a.embed(input_ids, vision)  # (B, P, d)
         col = torch.arange(p, device=device).expand(b, p)
         seg = Segment(0, self.bounds[0][1], col, valid, valid)
         self._recount(state, seg)

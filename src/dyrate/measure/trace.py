@@ -59,7 +59,7 @@ def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_te
     for conv in ("prefill", "cached", "nocache"):
         steps = img_per_step[:1] if conv == "prefill" else img_per_step
         fl[conv] = flops_model.flops_ratio(shape, steps, n_text, n_new, conv, full_image_tokens=n_img)
-    first = stages[0] if stages else engine.adapter.n_layers
+    first = 0 if engine.policy.pre_llm else stages[0] if stages else engine.adapter.n_layers
     pruned = [step[first:] for step in img_per_step if step[first:]]
     retained = (sum(map(sum, pruned)) / (len(pruned) * len(pruned[0]) * n_img)) if pruned and n_img else 1.0
     kv = {"mean": sum(kv_per_step) / len(kv_per_step), "peak": max(kv_per_step)} if kv_per_step else {}

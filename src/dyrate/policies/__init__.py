@@ -6,12 +6,15 @@ from __future__ import annotations
 from ..errors import PolicySpecError
 from .base import Policy, Probe
 from .dyrate import DyRate
+from .divprune import DivPrune
 from .dyrate_rnn import DyRateRNN
 from .fastv import FastV
 from .fixed import FixedRate
 from .none import NoPruning
+from .prumerge import PruMerge, PruMergePlus
 from .random_rank import RandomPruning
 from .schedule import DepthSchedule
+from .visionzip import VisionZip
 from .vtw import VTW
 
 # name -> class with `from_params(dict[str, str])`. Later policies register here too.
@@ -24,6 +27,11 @@ REGISTRY: dict[str, type[Policy]] = {
     "random": RandomPruning,
     "dyrate": DyRate,
     "dyrate-rnn": DyRateRNN,
+    # pre-LLM: each image's tokens are reduced before the decoder (engine/prellm.py)
+    "divprune": DivPrune,
+    "visionzip": VisionZip,
+    "prumerge": PruMerge,
+    "prumerge+": PruMergePlus,
 }
 
 

@@ -60,6 +60,17 @@ class Probe:
     hidden: torch.Tensor | None = None
 
 
+@dataclass
+class Reduction:
+    """What a pre-LLM policy makes of one image: `features` (m, d) replace the image's n tokens in
+    the decoder's input, in this order; `anchors` (m,) long says which original token (0..n-1) each
+    stands for, so a family that keeps original positions (M-RoPE) gives it that token's position;
+    a merged token's anchor is the token it was merged into (docs/methods.md)."""
+
+    features: torch.Tensor
+    anchors: torch.Tensor
+
+
 class Policy(abc.ABC):
     """Base class. Subclasses are frozen dataclasses holding only configuration."""
 
@@ -67,6 +78,12 @@ class Policy(abc.ABC):
     name: str = "?"
     #: True when decisions at decode steps need a fresh probe (False: decided once at prefill)
     decode_probe: bool = False
+    #: True for a pre-LLM policy: `reduce` acts on each image before the decoder (no stages)
+    pre_llm: bool = False
+
+    def reduce(self, view) -> Reduction:
+        """Pre-LLM policies: the tokens that replace one image (`view`: adapters.vision.ImageView)."""
+        raise NotImplementedError(f"{self.name} is not a pre-LLM policy")
 
     @property
     def stages(self) -> tuple[int, ...]:

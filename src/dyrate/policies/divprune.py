@@ -1,0 +1,57 @@
+"""DivPrune (Alvar et al., CVPR 2025, arXiv 2503.02175): before the decoder, keep a diverse subset
+of each image's tokens, chosen greedily to maximise the minimum pairwise distance (max-min
+diversity), where distance = 1 - cosine similarity of the decoder-ready image features.
+
+Selection, restated from the authors' code (vbdi/divprune): the first token is the one whose
+nearest other token is farthest; each next token is the one farthest from its nearest selected
+token (ties: the lowest index). The kept tokens enter the decoder in their original order. It
+needs only the features, so it runs on every family. Kept count: ceil((1 - r) * n) (the project's
+rule; the paper's default keeps 9.8% of the tokens, r=0.902)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..rates import keep_count
+from .base import Policy, Reduction, check_rate
+
+
+def max_min_subset(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min diverse subset of `features` (n, d): k indices in selection order."""
+    x = features.float()
+    x = x / x.norm(dim=-1, keepdim=True)
+    dist = 1.0 - x @ x.T  # (n, n) cosine distance
+    n = dist.shape[0]
+    chosen = torch.empty(k, dtype=torch.long, device=features.device)
+    nearest = None  # (n,) distance of every token to its nearest chosen token
+    for i in range(k):
+        if i == 0:
+            score = dist.topk(min(2, n), dim=0, largest=False).values[-1]  # nearest *other* token
+        else:
+            nearest = dist[chosen[i - 1]] if nearest is None else torch.minimum(nearest, dist[chosen[i - 1]])
+            score = nearest
+        chosen[i] = score.argmax()
+    return chosen
+
+
+@dataclass(frozen=True)
+class DivPrune(Policy):
+    r: float = 0.902
+    name = "divprune"
+    pre_llm = True
+
+    def __post_init__(self):
+        check_rate(self.r)
+
+    def keep(self, stage, probe, state):
+        return None  # no in-LLM stage
+
+    def reduce(self, view) -> Reduction:
+        k = keep_count(self.r, view.n)
+        index = max_min_subset(view.features, k).sort().values  # original order
+        return Reduction(view.features[index], index)
+
+    def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
+        return [keep_count(self.r, n_img)] * n_layers

@@ -1,0 +1,95 @@
+"""PruMerge and PruMerge+ (Shang et al., 2024, arXiv 2403.15388): before the decoder, keep the
+image tokens the vision tower's class token attends to as outliers, and merge the others into them.
+
+Restated from the authors' code (42Shawn/LLaVA-PruMerge, `token_prune_merge_advanced[_plus]`):
+- attention of the tower's last layer, as one full-width head: softmax(q k^T / sqrt(C)) with q, k
+  the layer's whole query / key projections and C the feature width; its class-token row over the
+  n patches is the score;
+- adaptive count: the share of scores above Q3 + 1.5 IQR (numpy's linear percentiles) gives the
+  ratio; the top int(n * ratio) patches are kept, in descending score order (`ratio=` fixes it);
+- PruMerge+ adds spatially uniform patches: every int(int(1 / ratio) / 3)-th index from 0 below
+  n - 1 that is not kept already, after the kept ones (none when no patch is an outlier, where
+  their code would divide by zero);
+- merging: each kept token's state becomes itself plus the score-weighted sum of the `neighbours`
+  tokens (other kept and pruned ones) whose normalised keys are most similar to its key; one extra
+  token, the score-weighted sum of all pruned tokens, is appended (an image with no outlier becomes
+  that one token, as in their code); states at the feature layer, then the projector.
+Needs a vision tower with a class token (LLaVA-1.5 here); other families are refused with one line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import PolicySpecError
+from .base import Policy, Reduction
+from .visionzip import _check_tower
+
+
+def outlier_ratio(scores: torch.Tensor) -> float:
+    """Share of `scores` above Q3 + 1.5 IQR (the interquartile-range rule, numpy percentiles)."""
+    values = scores.float().cpu().numpy().ravel()
+    q1, q3 = np.percentile(values, 25), np.percentile(values, 75)
+    return float((values > q3 + 1.5 * (q3 - q1)).sum()) / len(values)
+
+
+@dataclass(frozen=True)
+class PruMerge(Policy):
+    neighbours: int = 32
+    ratio: float | None = None  # kept fraction; None: adaptive (IQR outliers)
+    name = "prumerge"
+    pre_llm = True
+    plus = False
+
+    def __post_init__(self):
+        if self.neighbours < 0:
+            raise PolicySpecError(f"{self.spec()}: neighbours must be >= 0")
+        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
+            raise PolicySpecError(f"{self.spec()}: ratio (the kept fraction) must lie in (0, 1]")
+
+    def keep(self, stage, probe, state):
+        return None
+
+    def static_image_tokens(self, n_img: int, n_layers: int) -> list[int] | None:
+        return None  # the adaptive count depends on the image
+
+    def reduce(self, view) -> Reduction:
+        _check_tower(self.spec(), view)
+        n = view.n
+        q, k = view.qk(view.n_tower_layers - 1)  # (T, H, Dh): the last layer's projections
+        q, k = q.flatten(1), k.flatten(1)  # (T, C) one full-width head
+        features = view.hidden[1:]  # (n, C) patch states at the feature layer
+        attn = (q @ k.T * features.shape[-1] ** -0.5).softmax(-1)
+        score = attn[0, 1:]  # (n,) the class token's attention to each patch
+        ratio = outlier_ratio(score) if self.ratio is None else self.ratio
+        kept = score.topk(int(n * ratio)).indices  # descending score
+        if self.plus and ratio > 0:
+            step = int(int(1 / ratio) / 3)
+            if step > 0:
+                grid = torch.arange(0, n - 1, step, device=kept.device)
+                kept = torch.cat([kept, grid[~torch.isin(grid, kept)]])
+        pruned = torch.ones(n, dtype=torch.bool, device=kept.device)
+        pruned[kept] = False
+        pruned = pruned.nonzero()[:, 0]  # ascending, as the authors' complement
+        keys = F.normalize(k[1:], dim=-1)  # (n, C)
+        order = torch.cat([kept, pruned])  # the candidates' order in their code
+        merged = []
+        for i in range(len(kept)):
+            others = torch.cat([order[:i], order[i + 1:]])  # every other token, kept ones first
+            sim = keys[others] @ keys[kept[i]]
+            near = others[sim.topk(min(self.neighbours, len(others))).indices]
+            merged.append(features[kept[i]] + (features[near] * score[near, None]).sum(0))
+        states, anchors = [m[None] for m in merged], [kept]
+        if len(pruned):  # one token from all pruned (none left: no extra token, unlike their code's zero vector)
+            states.append((features[pruned] * score[pruned, None]).sum(0, keepdim=True))
+            anchors.append(pruned[:1])
+        return Reduction(view.project(torch.cat(states)), torch.cat(anchors))  # no outlier: the extra token alone
+
+
+@dataclass(frozen=True)
+class PruMergePlus(PruMerge):
+    name = "prumerge+"
+    plus = True
