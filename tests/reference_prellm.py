@@ -21,6 +21,8 @@ def divprune(features: torch.Tensor, kept: int) -> torch.Tensor:
     for i in range(kept):
         rows = dist if i == 0 else dist[torch.tensor(chosen)]
         scores = torch.topk(rows, 2, dim=0, largest=False).values[1] if i == 0 else rows.min(dim=0).values
+        if chosen:  # dyrate's one deviation (policies/divprune.py): a chosen token is not chosen again
+            scores[torch.tensor(chosen)] = float("-inf")
         chosen.append(int(torch.argmax(scores)))
     return torch.tensor(sorted(chosen))
 

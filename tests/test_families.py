@@ -280,3 +280,54 @@ def test_every_policy_runs(family, pictures, mode):
         assert len(res.token_ids) >= 1
         if kept is not None:
             assert res.retained == pytest.approx(kept, abs=0.13), spec  # ceil of a few image tokens
+
+
+# ---------------------------------------------------------------- pre-LLM methods on every family
+def test_divprune_on_every_family(family, pictures):
+    """DivPrune needs only the decoder-ready features: it runs on every family; keeping everything
+    equals `none`; batch rows (different image-token counts) equal rows alone."""
+    _, _, model, processor, _ = family
+    none = dyrate.generate(model, processor, pictures, PROMPTS, max_new_tokens=5)
+    everything = dyrate.generate(model, processor, pictures, PROMPTS, policy="divprune:r=0", max_new_tokens=5)
+    assert [r.token_ids for r in everything] == [r.token_ids for r in none]
+    together = dyrate.generate(model, processor, pictures, PROMPTS, policy="divprune:r=0.5", max_new_tokens=5)
+    for i in range(3):
+        alone = dyrate.generate(model, processor, pictures[i:i + 1], PROMPTS[i:i + 1], policy="divprune:r=0.5",
+                                max_new_tokens=5)[0]
+        assert together[i].token_ids == alone.token_ids
+        assert together[i].retained == pytest.approx(0.5, abs=0.13)
+
+
+def test_divprune_keeps_original_positions_on_mrope(family, pictures):
+    """Qwen2-VL: the kept tokens keep their 3-D positions (a 2-D grid cannot be renumbered); the
+    LLaVA families number the shorter prompt afresh."""
+    from dyrate.policies import parse_policy
+
+    name, _, model, processor, _ = family
+    batch = encode(processor, pictures[:1], PROMPTS[:1], "cpu")
+    adapter = adapter_for(model)
+    engine = Engine(adapter, parse_policy("divprune:r=0.5"), "evict")
+    with torch.inference_mode():
+        _, state = engine.prefill(batch.input_ids, batch.attention_mask, batch.vision)
+    full = adapter.positions(batch.input_ids, batch.attention_mask, batch.vision)[:, 0]  # (A, P)
+    pos = state.pos[:, 0]
+    if name.startswith("qwen"):
+        text = batch.input_ids[0] != model.config.image_token_id
+        # text tokens keep theirs, in order; every kept image token holds one of the image's positions
+        assert torch.equal(pos[:, state.group[0] != IMG], full[:, text])
+        img_pos = {tuple(full[:, c].tolist()) for c in (~text).nonzero()[:, 0]}
+        assert all(tuple(pos[:, c].tolist()) in img_pos for c in (state.group[0] == IMG).nonzero()[:, 0])
+    else:
+        assert torch.equal(pos[0], torch.arange(pos.shape[1]))
+
+
+@pytest.mark.parametrize("spec", ["visionzip", "prumerge", "prumerge+"])
+def test_class_token_methods_name_what_they_need(family, pictures, spec):
+    name, _, model, processor, _ = family
+    if name == "llava":
+        dyrate.generate(model, processor, pictures[:1], PROMPTS[:1], policy=spec + ":" + (
+            "dominant=5,contextual=3" if spec == "visionzip" else "ratio=0.25"), max_new_tokens=2)
+        return
+    with pytest.raises(DyrateError, match="class token") as err:
+        dyrate.generate(model, processor, pictures[:1], PROMPTS[:1], policy=spec, max_new_tokens=2)
+    assert "\n" not in str(err.value)

@@ -4,7 +4,10 @@ diversity), where distance = 1 - cosine similarity of the decoder-ready image fe
 
 Selection, restated from the authors' code (vbdi/divprune): the first token is the one whose
 nearest other token is farthest; each next token is the one farthest from its nearest selected
-token (ties: the lowest index). The kept tokens enter the decoder in their original order. It
+token (ties: the lowest index). The kept tokens enter the decoder in their original order. One
+deviation: a token already chosen is never chosen again. Their code can pick one twice once every
+remaining token duplicates a chosen one (distance 0 everywhere), e.g. LLaVA-NeXT's identical
+image-newline tokens at high kept fractions; it then feeds the decoder a repeated token. It
 needs only the features, so it runs on every family. Kept count: ceil((1 - r) * n) (the project's
 rule; the paper's default keeps 9.8% of the tokens, r=0.902)."""
 
@@ -25,14 +28,16 @@ def max_min_subset(features: torch.Tensor, k: int) -> torch.Tensor:
     dist = 1.0 - x @ x.T  # (n, n) cosine distance
     n = dist.shape[0]
     chosen = torch.empty(k, dtype=torch.long, device=features.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=features.device)
     nearest = None  # (n,) distance of every token to its nearest chosen token
     for i in range(k):
         if i == 0:
             score = dist.topk(min(2, n), dim=0, largest=False).values[-1]  # nearest *other* token
         else:
             nearest = dist[chosen[i - 1]] if nearest is None else torch.minimum(nearest, dist[chosen[i - 1]])
-            score = nearest
+            score = nearest.masked_fill(taken, float("-inf"))  # never a token twice (see the module doc)
         chosen[i] = score.argmax()
+        taken[chosen[i]] = True
     return chosen
 
 
