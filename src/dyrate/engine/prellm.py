@@ -3,10 +3,11 @@ decoder, so every decoder layer sees fewer image tokens.
 
 `shrink_prompt` asks the policy for each image's `Reduction` and builds the shorter prompt: the
 text tokens as they were, each image's n tokens replaced by the m reduced ones, rows left padded
-again. Positions follow the family: 1-D RoPE families (LLaVA) number the shorter sequence afresh,
-as the methods' own code does (they hand the language model fewer image features); M-RoPE
-families (Qwen2-VL), whose image positions are a 2-D grid that cannot be renumbered, keep every
-token's original position (a reduced token takes its anchor's)."""
+again. Positions: the policy's `positions` field -- "renumber" numbers the shorter sequence
+afresh, as the methods' own code does on LLaVA (they hand the language model fewer image
+features); "keep" gives every token its original position (a reduced token takes its anchor's),
+as in-LLM pruning does. Unset: renumber on 1-D RoPE families, keep on M-RoPE ones (Qwen2-VL),
+whose image positions are a 2-D grid that cannot be renumbered."""
 
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ def shrink_prompt(adapter: ModelAdapter, policy: Policy, input_ids: torch.Tensor
             raise InputError(f"{policy.spec()}: reduced an image to no tokens")
     image_id = adapter.image_token_id
     pos_full = adapter.positions(input_ids, attention_mask, vision)  # (A, B, P)
-    renumber = pos_full.shape[0] == 1
+    rule = getattr(policy, "positions", None) or ("renumber" if pos_full.shape[0] == 1 else "keep")
+    if rule == "renumber" and pos_full.shape[0] > 1:
+        raise InputError(f"{policy.spec()}: positions=renumber needs 1-D RoPE; this model's M-RoPE positions "
+                         "(an image grid) can only be kept (positions=keep)")
+    renumber = rule == "renumber"
     b = input_ids.shape[0]
     rows, n_img_full, image = [], [], 0
     for row in range(b):

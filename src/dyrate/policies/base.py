@@ -30,6 +30,15 @@ def check_layer(k: int, name: str = "k") -> int:
     return k
 
 
+POSITION_RULES = ("renumber", "keep")
+
+
+def check_positions(policy) -> None:
+    """A pre-LLM policy's `positions` field: None (the family's rule), renumber or keep."""
+    if policy.positions is not None and policy.positions not in POSITION_RULES:
+        raise PolicySpecError(f"{policy.spec()}: positions must be one of {', '.join(POSITION_RULES)}")
+
+
 def check_rate(r: float, name: str = "r") -> float:
     if not 0.0 <= r < 1.0:
         raise PolicySpecError(f"{name}={r}: a reduction rate must lie in [0, 1)")

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PolicySpecError
-from .base import Policy, Reduction
+from .base import Policy, Reduction, check_positions
 from .visionzip import _check_tower
 
 
@@ -40,11 +40,13 @@ def outlier_ratio(scores: torch.Tensor) -> float:
 class PruMerge(Policy):
     neighbours: int = 32
     ratio: float | None = None  # kept fraction; None: adaptive (IQR outliers)
+    positions: str | None = None  # renumber | keep (None: renumber on 1-D RoPE, keep on M-RoPE)
     name = "prumerge"
     pre_llm = True
     plus = False
 
     def __post_init__(self):
+        check_positions(self)
         if self.neighbours < 0:
             raise PolicySpecError(f"{self.spec()}: neighbours must be >= 0")
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PolicySpecError
-from .base import Policy, Reduction
+from .base import Policy, Reduction, check_positions
 
 
 def _check_tower(name: str, view) -> None:
@@ -36,10 +36,12 @@ def _check_tower(name: str, view) -> None:
 class VisionZip(Policy):
     dominant: int = 54
     contextual: int = 10
+    positions: str | None = None  # renumber | keep (None: renumber on 1-D RoPE, keep on M-RoPE)
     name = "visionzip"
     pre_llm = True
 
     def __post_init__(self):
+        check_positions(self)
         if self.dominant < 1 or self.contextual < 0:
             raise PolicySpecError(f"{self.spec()}: dominant must be >= 1 (it counts the class token) and contextual >= 0")
 
