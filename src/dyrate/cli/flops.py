@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if k is None:
         print("no layer is pruned: floor not applicable")
         return 0
-    print(f"first {k} layers never pruned: floor {100 * result['floor']:.2f}%")
+    print(f"first {k} layers never pruned: floor {100 * result['floor']:.2f}%" if k else
+          f"pre-LLM: every layer sees the reduced image; floor (text only) {100 * result['floor']:.2f}%")
     print(
         f"image tokens retained in layers {k}..{n_layers - 1}: {100 * result['retained']:.2f}% "
         f"(mean {result['retained'] * shape.n_img:.1f} of {shape.n_img})"

@@ -328,9 +328,10 @@ def floor_ratio(
     shape: DecoderShape, k: int, text_tokens: int, new_tokens: int = 1, convention: str = "prefill", ffn: str = "2dm"
 ) -> float:
     """The lowest ratio any policy pruning from layer k on can reach: every image token gone from
-    layer k on (the first k layers always see them all)."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < shape.n_layers:
-        raise InputError(f"k={k!r}: the first pruned layer must lie in 1..{shape.n_layers - 1}")
+    layer k on (the first k layers always see them all). k=0 is a pre-LLM method's floor: every
+    layer could lose every image token, so only the text is left."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < shape.n_layers:
+        raise InputError(f"k={k!r}: the first pruned layer must lie in 0..{shape.n_layers - 1}")
     counts = [shape.n_img] * k + [0] * (shape.n_layers - k)
     return flops_ratio(shape, counts, text_tokens, new_tokens, convention, ffn)["ratio"]
 
@@ -391,7 +392,7 @@ def policy_flops(
             "to get its measured FLOPs"
         )
     result = flops_ratio(shape, counts, text_tokens, new_tokens, convention, ffn)
-    k = min(policy.stages) if policy.stages else None
+    k = 0 if policy.pre_llm else min(policy.stages) if policy.stages else None  # pre-LLM: every layer pruned
     pruned = counts[k:] if k is not None else counts
     cached = text_tokens + max(new_tokens - 1, 0)
     result.update(
