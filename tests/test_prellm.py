@@ -114,6 +114,36 @@ def test_static_flops(tiny):
 
     shape = NAMED_SHAPES["llava-1.5-7b"]
     zip64 = policy_flops(shape, "visionzip:dominant=54,contextual=10", 40)
-    assert zip64["k"] is None and zip64["image_tokens"] == [64] * 32
+    assert zip64["k"] == 0 and zip64["image_tokens"] == [64] * 32
     with pytest.raises(PolicySpecError, match="depend on the data"):
         policy_flops(shape, "prumerge", 40)
+
+
+def test_flops_floor_of_a_pre_llm_method(capsys):
+    """A pre-LLM method prunes every layer: its floor is the text alone (k=0), below FastV's."""
+    from dyrate.cli import main
+    from dyrate.measure.flops import NAMED_SHAPES, floor_ratio, policy_flops
+
+    shape = NAMED_SHAPES["llava-1.5-7b"]
+    zip64 = policy_flops(shape, "visionzip:dominant=54,contextual=10", 40)
+    assert zip64["k"] == 0 and zip64["floor"] == pytest.approx(floor_ratio(shape, 0, 40))
+    assert zip64["floor"] < floor_ratio(shape, 2, 40) < zip64["ratio"] < 1
+    assert main(["flops", "--config", "llava-1.5-7b", "--policy", "divprune:r=0.9", "--text-tokens", "40"]) == 0
+    assert "pre-LLM" in capsys.readouterr().out
+
+
+def test_bench_runs_pre_llm_methods(tiny):
+    from dyrate.measure.bench import bench
+
+    rows = bench(tiny[0], ["none", "divprune:r=0.75", "visionzip:dominant=3,contextual=1"], [2], new_tokens=3,
+                 text_tokens=8, repeats=1)
+    none, div, zipped = rows
+    assert div.retained == pytest.approx(0.25) and zipped.retained == pytest.approx(0.25)
+    assert none.peak_kv_bytes > div.peak_kv_bytes
+    assert div.flops["prefill"]["ratio"] < 0.5
+
+
+@pytest.mark.parametrize("spec,words", [("divprune:positions=shuffle", "positions must be one of")])
+def test_bad_position_rule(spec, words):
+    with pytest.raises(PolicySpecError, match=words):
+        parse_policy(spec)
