@@ -7,6 +7,8 @@ keeps its samples) once per task and merges the summaries.
         --policies "none;fastv:k=2,r=0.5;fixed:k=2,r=0.75;vtw:k=2" [--model DIR] [--mode mask] \\
         [--captions 100 --questions 300] [--num-beams 2 | --top-p 0.9]
 
+`--replot` redraws OUT/pareto.png from OUT/table.json without running anything.
+
 Writes OUT/table.md (markdown, also printed), OUT/table.json and OUT/pareto.png (relative
 quality against retained tokens and against FLOPs in each convention), and OUT/<task>/ per task
 (samples.jsonl, summary.json, ...). The data folder is `dyrate testbed data --seed 1 ...`.
@@ -50,7 +52,11 @@ def main() -> None:
     ap.add_argument("--num-beams", type=int, default=None)
     ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling (seed 0)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--replot", action="store_true", help="only redraw OUT/pareto.png from OUT/table.json")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads((Path(args.out) / "table.json").read_text())["rows"], Path(args.out) / "pareto.png")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     decoding: dict = {}
@@ -130,19 +136,21 @@ def plot(table: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     xs = [("retained", "image tokens retained")] + [(f"flops_{c}", f"FLOPs ratio ({c})") for c in CONVENTIONS]
-    fig, axes = plt.subplots(1, len(xs), figsize=(4 * len(xs), 3.4), sharey=True)
+    fig, axes = plt.subplots(1, len(xs), figsize=(4 * len(xs) + 2.5, 3.4), sharey=True, layout="constrained")
     families: dict[str, list[dict]] = {}
     for row in table:
-        families.setdefault(row["policy"].split(":")[0], []).append(row)
+        name = row["policy"].split(":")[0] + (" (positions=keep)" if "positions=keep" in row["policy"] else "")
+        families.setdefault(name, []).append(row)
+    colours = plt.cm.tab20.colors  # more series than tab10's ten colours
     for ax, (key, title) in zip(axes, xs):
-        for name, rows in families.items():
+        for i, (name, rows) in enumerate(families.items()):
             rows = sorted(rows, key=lambda r: r[key])
-            ax.plot([r[key] for r in rows], [r["mean_rel"] for r in rows], marker="o", label=name)
+            ax.plot([r[key] for r in rows], [r["mean_rel"] for r in rows], marker="o", label=name,
+                    color=colours[i % len(colours)])
         ax.set_xlabel(title)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mean relative quality")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
