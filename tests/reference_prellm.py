@@ -106,3 +106,42 @@ def prumerge(model, pixel_values, neighbours: int = 32, plus: bool = False, rati
     if len(compl):
         out.append((x_rest * a_rest.unsqueeze(-1)).sum(0))
     return model.model.multi_modal_projector(torch.stack(out))
+
+
+def dart(model, input_ids, pixel_values, k: int, max_num_truncation: int, pivot_image: int, pivot_text: int) -> list[int]:
+    """Sequence indices DART keeps (one unpadded row), in their code's structure: layer k-1's keys
+    (after RoPE) from a hook on its k_proj, its outputs with the final norm from hidden_states[k]."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    attn = lm.layers[k - 1].self_attn
+    grabbed = {}
+    hook = attn.k_proj.register_forward_hook(lambda m, i, o: grabbed.__setitem__("k", o))
+    try:
+        out = model(input_ids=input_ids, pixel_values=pixel_values, output_hidden_states=True)
+    finally:
+        hook.remove()
+    seq = input_ids.shape[1]
+    keys = grabbed["k"].view(1, seq, -1, attn.head_dim).transpose(1, 2)  # (1, Hkv, T, D)
+    cos, sin = lm.rotary_emb(keys, torch.arange(seq)[None])
+    keys, _ = apply_rotary_pos_emb(keys, keys, cos, sin)
+    k_states = keys.permute(0, 2, 1, 3).reshape(1, seq, -1)[0]  # (T, Hkv * D)
+    last = lm.norm(out.hidden_states[k])[0]  # (T, d)
+    ids = input_ids[0]
+    img = (ids == model.config.image_token_id).nonzero()[:, 0]
+    start, length = int(img[0]), len(img)
+    token_topk = int(max_num_truncation // (pivot_image + pivot_text))
+    k_img, k_query = k_states[start:start + length], k_states[start + length:]
+    image_indices = (torch.norm(k_img, p=1, dim=-1).topk(pivot_image).indices + start).tolist()
+    query_indices = (torch.norm(k_query, p=1, dim=-1).topk(pivot_text).indices + start + length).tolist()
+    indices_set = set(image_indices + query_indices)
+    valid = set(range(start, start + length))
+    valid.difference_update(image_indices)
+    for item in list(indices_set.copy()):
+        valid_list = list(valid)
+        cos_sim = -F.cosine_similarity(last[item, :], last[valid_list, :], dim=-1)
+        top = [valid_list[i] for i in cos_sim.topk(token_topk).indices.tolist()]
+        indices_set.update(top)
+        valid.difference_update(top)
+    indices_set.difference_update(query_indices)
+    return sorted(indices_set)

@@ -271,10 +271,12 @@ def test_train_predictor_for_the_family(family, tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["evict", "mask"])
 def test_every_policy_runs(family, pictures, mode):
-    """none, fastv, vtw, fixed, schedule and random on every family: each keeps what its rule says."""
+    """none, fastv, vtw, fixed, schedule, random, DART and DivPrune on every family: each keeps what its
+    rule says."""
     _, _, model, processor, _ = family
     specs = {"none": 1.0, "fastv:k=2,r=0.5": 0.5, "vtw:k=2": 0.0, "fixed:k=2,r=0.75": 0.25,
-             "schedule:1=0.5,3=0.9": None, "random:k=2,r=0.5": 0.5}
+             "schedule:1=0.5,3=0.9": None, "random:k=2,r=0.5": 0.5,
+             "dart:k=2,r=0.5,pivots_image=1,pivots_text=1": None, "divprune:r=0.5": 0.5}
     for spec, kept in specs.items():
         [res] = dyrate.generate(model, processor, pictures[2:], PROMPTS[2:], policy=spec, mode=mode, max_new_tokens=3)
         assert len(res.token_ids) >= 1

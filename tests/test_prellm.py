@@ -147,3 +147,52 @@ def test_bench_runs_pre_llm_methods(tiny):
 def test_bad_position_rule(spec, words):
     with pytest.raises(PolicySpecError, match=words):
         parse_policy(spec)
+
+
+# ---------------------------------------------------------------- DART (in-LLM, at layer K)
+@pytest.mark.parametrize("spec,trunc", [("dart:k=2,r=0.5,pivots_image=2,pivots_text=2", 6),
+                                        ("dart:k=1,r=0.75,pivots_image=1,pivots_text=3", 3)])
+@pytest.mark.parametrize("mode", ["evict", "mask"])
+def test_dart_kept_set_equals_the_reference(tiny, vanilla, images, prompts, spec, trunc, mode):
+    """The image tokens DART keeps from layer K on equal the restatement of the authors' selection
+    (max_num_truncation = kept - image pivots, as dyrate derives it from r)."""
+    from dyrate.engine import Engine, GenerationOptions, generate_tokens
+
+    model, processor = tiny
+    pol = parse_policy(spec)
+    for image, prompt in zip(images, prompts):
+        batch = encode(processor, [image], [prompt], "cpu")
+        with torch.no_grad():
+            want = ref.dart(vanilla[0], batch.input_ids, batch.vision["pixel_values"], pol.k, trunc,
+                            pol.pivots_image, pol.pivots_text)
+        engine = Engine(adapter_for(model), pol, mode)
+        with torch.inference_mode():
+            _, state = generate_tokens(engine, batch.input_ids, batch.attention_mask, batch.vision,
+                                       GenerationOptions(max_new_tokens=3), eos=[3], pad=0)
+        seg = state.segments[1]
+        kept = sorted(int(c) for c in seg.col[0][seg.attend[0]] if int(state.group[0, c]) == 1)
+        assert kept == want, (spec, mode)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_dart_rows_equal_rows_alone(tiny, images, prompts, beams):
+    model, processor = tiny
+    spec = "dart:k=2,r=0.5,pivots_image=2,pivots_text=2"
+    together = dyrate.generate(model, processor, images, prompts, policy=spec, max_new_tokens=6, num_beams=beams)
+    for i in range(3):
+        alone = dyrate.generate(model, processor, images[i:i + 1], prompts[i:i + 1], policy=spec, max_new_tokens=6,
+                                num_beams=beams)[0]
+        assert together[i].token_ids == alone.token_ids
+        assert [e["kept"] for e in together[i].trace] == [e["kept"] for e in alone.trace]
+
+
+def test_dart_static_counts_and_bad_parameters(tiny, images):
+    from dyrate.measure.flops import NAMED_SHAPES, policy_flops
+
+    assert policy_flops(NAMED_SHAPES["llava-1.5-7b"], "dart", 40)["image_tokens"][2] == 132  # their default
+    [res] = dyrate.generate(*tiny, images[:1], ["What is it?"], policy="dart:k=2,r=0.5,pivots_image=2,pivots_text=2",
+                            max_new_tokens=2)
+    assert res.trace[0]["kept"][2] == 2 + 4 * ((8 - 2) // 4)  # 16 tokens: kept 8 -> 2 pivots + 4 x 1
+    for spec in ("dart:pivots_image=0", "dart:k=0", "dart:r=1"):
+        with pytest.raises(PolicySpecError):
+            parse_policy(spec)

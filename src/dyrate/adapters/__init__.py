@@ -44,6 +44,9 @@ class ModelAdapter(Protocol):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, q, d) last hidden states -> (B, q, V) float logits (final norm + head)."""
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's final norm on (..., d) states."""
+
     def token_groups(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, P) group id per prompt token: SYS, IMG, INS, or PAD for left padding."""
 

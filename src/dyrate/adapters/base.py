@@ -94,6 +94,10 @@ class DecoderAdapter:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._head(self._norm(hidden)).float()
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The decoder's final norm (what the head reads), on any (..., d) states."""
+        return self._norm(hidden)
+
     def token_groups(self, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, P) group per prompt token: IMG for image tokens, SYS before the first one, INS after
         it (text between images included), PAD for left padding."""

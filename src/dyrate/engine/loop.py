@@ -271,7 +271,7 @@ class Engine:
         return bitmap[:, :c] | (state.group != IMG)
 
     def _select(self, state: DecodeState, s: int, row: torch.Tensor, hidden: torch.Tensor, record,
-                current: Segment | None):
+                current: Segment | None, slots: torch.Tensor | None = None):
         """Ask the policy for stage s (segment s). `row` (B, S_prev) is the probe over the slots of
         segment s-1 and `hidden` (B, d) the newest query's state after it; `current` is segment s
         as it stands (None at prefill). Returns a (B, C) bitmap of
@@ -288,6 +288,11 @@ class Engine:
         evict_now = self.mode == "evict" and current is not None
         kept = current.n_img if evict_now else prev.n_img  # (B,)
         probe = Probe(shares=shares, img_scores=None, n_img=state.n_img, kept=kept, step=state.step, hidden=hidden)
+        if slots is not None and self.policy.needs_slots:  # slots: (B, S_prev, d), the prefill's states
+            keys = state.cache.layers[self.stages[s - 1] - 1].keys  # (B, Hkv, S_prev, D)
+            probe.slot_states = self.adapter.final_norm(slots)
+            probe.slot_keys = keys.transpose(1, 2).flatten(2)  # (B, S_prev, Hkv * D)
+            probe.slot_groups = prev.groups
         target = self.policy.keep(s - 1, probe, state.policy_state)
         if target is None:
             return None
@@ -323,7 +328,7 @@ class Engine:
     def _next_segment_prefill(self, state, prev: Segment, hidden, row, s, record, start, end):
         """Build segment s from segment s-1 between layers K_s - 1 and K_s of the prefill; in evict
         mode the pruned image tokens leave the hidden states here."""
-        bitmap = self._select(state, s, row, hidden[:, -1], record, current=None)  # left padded: -1 is the last prompt token
+        bitmap = self._select(state, s, row, hidden[:, -1], record, current=None, slots=hidden)  # -1: the last prompt token
         keep = prev.attend if bitmap is None else prev.attend & bitmap.gather(1, prev.col)  # (B, S_prev)
         if self.mode == "mask":
             seg = Segment(start, end, prev.col, prev.valid, keep)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..errors import PolicySpecError
 from .base import Policy, Probe
 from .dyrate import DyRate
+from .dart import DART
 from .divprune import DivPrune
 from .dyrate_rnn import DyRateRNN
 from .fastv import FastV
@@ -27,6 +28,7 @@ REGISTRY: dict[str, type[Policy]] = {
     "random": RandomPruning,
     "dyrate": DyRate,
     "dyrate-rnn": DyRateRNN,
+    "dart": DART,
     # pre-LLM: each image's tokens are reduced before the decoder (engine/prellm.py)
     "divprune": DivPrune,
     "visionzip": VisionZip,

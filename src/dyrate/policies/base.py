@@ -59,6 +59,8 @@ class Probe:
     kept: (B,) long, image tokens this stage keeps before this step's decision.
     step: 0 at prefill, t at the t-th decode step.
     hidden: (B, d) the newest query's hidden state after the probe layer K-1 (the input of layer K).
+    slot_*: at prefill, for a policy that sets `needs_slots`, the states, keys and groups of every
+            slot the probe layer holds (slot j of a row is its j-th column, left padding first).
     """
 
     shares: torch.Tensor
@@ -67,6 +69,10 @@ class Probe:
     kept: torch.Tensor
     step: int
     hidden: torch.Tensor | None = None
+    # At prefill, for policies with `needs_slots` (e.g. DART): every slot of the probe's segment
+    slot_states: torch.Tensor | None = None  # (B, S, d) hidden states after layer K-1, final norm applied
+    slot_keys: torch.Tensor | None = None  # (B, S, Hkv * D) layer K-1's keys (after RoPE, as cached)
+    slot_groups: torch.Tensor | None = None  # (B, S) long group of each slot (PAD for padding)
 
 
 @dataclass
@@ -89,6 +95,8 @@ class Policy(abc.ABC):
     decode_probe: bool = False
     #: True for a pre-LLM policy: `reduce` acts on each image before the decoder (no stages)
     pre_llm: bool = False
+    #: True when the prefill decision needs every slot's state and key (Probe.slot_*)
+    needs_slots: bool = False
 
     def reduce(self, view) -> Reduction:
         """Pre-LLM policies: the tokens that replace one image (`view`: adapters.vision.ImageView)."""
