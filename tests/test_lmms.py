@@ -148,6 +148,17 @@ def _requests(images, contexts, continuations):
     return docs, reqs
 
 
+def plain_logprob(model, processor, image, context: str, continuation: str) -> float:
+    """Log-probability of `continuation` after the templated context, from one plain forward pass."""
+    prompt = dyrate.api.build_prompt(processor, context)
+    batch = processor(images=[image], text=[prompt + continuation], return_tensors="pt")
+    n = len(processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0])
+    with torch.inference_mode():
+        logits = model(**batch).logits[0].float().log_softmax(-1)
+    ids = batch["input_ids"][0]
+    return sum(float(logits[j - 1, ids[j]]) for j in range(n, len(ids)))
+
+
 def test_loglikelihood(tiny_dir, images):
     torch.set_num_threads(1)
     model, processor = dyrate.load(tiny_dir)
@@ -168,13 +179,7 @@ def test_loglikelihood(tiny_dir, images):
     full = DyrateLlava(pretrained=str(tiny_dir), policy="none", device="cpu")
     full.task_dict = {"t": {"test": docs}}
     for (lp, _), ctx, cont, img in zip(full.loglikelihood(reqs), contexts, conts, images):
-        prompt = dyrate.api.build_prompt(processor, ctx)
-        batch = processor(images=[img], text=[prompt + cont], return_tensors="pt")
-        n = len(processor(images=[img], text=[prompt], return_tensors="pt")["input_ids"][0])
-        with torch.inference_mode():
-            logits = model(**batch).logits[0].float().log_softmax(-1)
-        ids = batch["input_ids"][0]
-        ref = sum(float(logits[j - 1, ids[j]]) for j in range(n, len(ids)))
+        ref = plain_logprob(model, processor, img, ctx, cont)
         assert lp == pytest.approx(ref, abs=1e-4)
     assert [lp for lp, _ in got] != pytest.approx([lp for lp, _ in full.loglikelihood(reqs)])
 
@@ -234,11 +239,5 @@ def test_other_families(family, images, tmp_path):
     full.task_dict = {"t": {"test": docs}}
     _, reqs = _requests(images, contexts, ["abc", "de"])
     for (lp, _), ctx, cont, img in zip(full.loglikelihood(reqs), contexts, ["abc", "de"], images):
-        prompt = dyrate.api.build_prompt(processor, ctx)
-        batch = processor(images=[img], text=[prompt + cont], return_tensors="pt")
-        n = len(processor(images=[img], text=[prompt], return_tensors="pt")["input_ids"][0])
-        with torch.inference_mode():
-            logits = model(**batch).logits[0].float().log_softmax(-1)
-        ids = batch["input_ids"][0]
-        ref = sum(float(logits[j - 1, ids[j]]) for j in range(n, len(ids)))
+        ref = plain_logprob(model, processor, img, ctx, cont)
         assert lp == pytest.approx(ref, abs=1e-4), family
