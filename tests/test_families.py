@@ -333,3 +333,15 @@ def test_class_token_methods_name_what_they_need(family, pictures, spec):
     with pytest.raises(DyrateError, match="class token") as err:
         dyrate.generate(model, processor, pictures[:1], PROMPTS[:1], policy=spec, max_new_tokens=2)
     assert "\n" not in str(err.value)
+
+
+def test_multi_image_shares_split_the_image_share(family, pictures):
+    """The trace reports each image's share of the probe's attention; together they are the img share."""
+    _, _, model, processor, _ = family
+    [res] = dyrate.generate(model, processor, [pictures[:2]], ["Compare them."], policy="fastv:k=2,r=0.5",
+                            max_new_tokens=2)
+    per_image, shares = res.trace[0]["image_shares"][0], res.trace[0]["shares"][0]
+    assert len(per_image) == 2 and all(v > 0 for v in per_image)
+    assert sum(per_image) == pytest.approx(shares["img"], rel=1e-5)
+    [single] = dyrate.generate(model, processor, pictures[:1], ["Hi"], policy="fastv:k=2,r=0.5", max_new_tokens=2)
+    assert single.trace[0]["image_shares"] == [None]  # one image: its share is shares["img"]

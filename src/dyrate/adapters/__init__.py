@@ -29,6 +29,9 @@ class ModelAdapter(Protocol):
         """(B, P) ids + vision inputs (the processor's outputs besides ids and mask) -> (B, P, d)
         input embeddings with image features in place."""
 
+    def embed_counts(self, input_ids: torch.Tensor, vision) -> tuple[torch.Tensor, list[int]]:
+        """`embed`, and the image tokens of each image of the batch, in order."""
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, q) ids -> (B, q, d)."""
 

@@ -47,11 +47,15 @@ class DecoderAdapter:
     def embed(self, input_ids: torch.Tensor, vision: Vision) -> torch.Tensor:
         """(B, P) ids + vision inputs -> (B, P, d) input embeddings with the image features in the
         image-token slots, in order (as the model's own forward places them)."""
+        return self.embed_counts(input_ids, vision)[0]
+
+    def embed_counts(self, input_ids: torch.Tensor, vision: Vision) -> tuple[torch.Tensor, list[int]]:
+        """`embed`, and the image tokens of each image of the batch, in order."""
         embeds = self._embed(input_ids)  # (B, P, d)
-        feats = self._image_features(vision)  # one (n_i, d) tensor per image
-        feats = torch.cat(list(feats), dim=0).to(embeds.device, embeds.dtype)  # (sum n_i, d)
+        feats = list(self._image_features(vision))  # one (n_i, d) tensor per image
+        flat = torch.cat(feats, dim=0).to(embeds.device, embeds.dtype)  # (sum n_i, d)
         slots = (input_ids == self.image_token_id).unsqueeze(-1)  # (B, P, 1)
-        return embeds.masked_scatter(slots, feats)
+        return embeds.masked_scatter(slots, flat), [f.shape[0] for f in feats]
 
     def _image_features(self, vision: Vision):
         raise NotImplementedError

@@ -4,7 +4,8 @@ A prompt that contains the image placeholder (<image>; <|image_pad|> for Qwen2-V
 is used verbatim; otherwise the processor's chat template builds the prompt with the images first.
 Give --image several times for a multi-image prompt. With --json, stdout is exactly one JSON object:
 {"text", "token_ids" (new tokens only), "trace" (one entry per generated token: attention shares
-at the probe layer, chosen rate, image tokens kept per layer, FLOPs of the step), "flops" (ratio,
+at the probe layer (and per image for a multi-image prompt), chosen rate, image tokens kept per
+layer, FLOPs of the step), "flops" (ratio,
 flops, full_flops per convention: prefill, cached, nocache), "retained"}.
 
 Example:

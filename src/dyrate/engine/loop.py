@@ -111,6 +111,8 @@ class DecodeState:
     n_img: torch.Tensor  # (B,) long, image tokens of each row
     policy_state: dict[str, torch.Tensor]
     n_prompt: int = 0  # prompt columns (after any pre-LLM reduction)
+    image_of: torch.Tensor | None = None  # (B, P) long: which image of its row a prompt column belongs to, -1 if none
+    n_images: int = 1  # the most images any row holds
     step: int = 0
     records: list[dict] = field(default_factory=list)  # one per forward pass (Engine._new_record)
 
@@ -125,6 +127,7 @@ class DecodeState:
         for seg in self.segments:
             seg.reorder(index)
         self.group, self.pos, self.n_img = self.group[index], self.pos[:, index], self.n_img[index]
+        self.image_of = self.image_of[index] if self.image_of is not None else None
         self.policy_state = {k: v[index] for k, v in self.policy_state.items()}
 
 
@@ -155,11 +158,11 @@ class Engine:
         a = self.adapter
         vision = as_vision(vision)
         if self.policy.pre_llm:  # the images' tokens are reduced before the decoder (engine/prellm.py)
-            input_ids, attention_mask, pos, hidden, n_img = shrink_prompt(a, self.policy, input_ids, attention_mask,
-                                                                          vision)
+            input_ids, attention_mask, pos, hidden, n_img, counts = shrink_prompt(a, self.policy, input_ids,
+                                                                                  attention_mask, vision)
         else:
             pos = a.positions(input_ids, attention_mask, vision)  # (A, B, P)
-            hidden = a.embed(input_ids, vision)  # (B, P, d)
+            hidden, counts = a.embed_counts(input_ids, vision)  # (B, P, d), image tokens per image
             n_img = None
         b, p = input_ids.shape
         device = input_ids.device
@@ -173,11 +176,13 @@ class Engine:
             n_img=(group == IMG).sum(1) if n_img is None else n_img,  # image tokens before any reduction
             policy_state=self.policy.init_state(b, device),
             n_prompt=p,
+            image_of=_image_ordinals(group, counts),
         )
+        state.n_images = max(int(state.image_of.max()) + 1, 1)
         col = torch.arange(p, device=device).expand(b, p)
         seg = Segment(0, self.bounds[0][1], col, valid, valid)
         self._recount(state, seg)
-        record = self._new_record(b, device)
+        record = self._new_record(b, device, state.n_images)
         row = None  # the probe row of the segment before (set by _run_layers)
         for s, (start, end) in enumerate(self.bounds):
             if s > 0:
@@ -198,7 +203,7 @@ class Engine:
         state.group = torch.cat([state.group, state.group.new_full((b, 1), RES)], dim=1)
         state.pos = torch.cat([state.pos, state.pos[..., -1:] + 1], dim=2)
         hidden = a.embed_tokens(tokens[:, None])  # (B, 1, d)
-        record = self._new_record(b, tokens.device)
+        record = self._new_record(b, tokens.device, state.n_images)
         position_ids = state.pos[..., -1:]  # (A, B, 1): the new token, the same in every segment
         pos_emb = a.rotary(hidden, position_ids)
         row = None
@@ -211,15 +216,17 @@ class Engine:
         return a.logits(hidden)[:, -1, :]
 
     # ------------------------------------------------------------------ internals
-    def _new_record(self, b: int, device) -> dict:
+    def _new_record(self, b: int, device, n_images: int = 1) -> dict:
         """One forward pass's record: per segment (lists, one entry per segment) the queries run (an
         int, or (B,) long at prefill), the attended keys, attended image keys and stored KV entries
         ((B,) long, the segment's own counters: they are replaced, never modified, so a reference is a snapshot); per stage
-        the share vector (B, n_stage, 4) and the rate (B, n_stage), NaN where nothing was decided."""
+        the share vector (B, n_stage, 4), the image share per image (B, n_stage, n_images; computed only
+        when some row has several images) and the rate (B, n_stage), NaN where nothing was decided."""
         n_stage = len(self.stages)
         return {
             "queries": [], "keys": [], "img": [], "stored": [],
             "shares": torch.full((b, n_stage, 4), float("nan"), device=device),
+            "image_shares": torch.full((b, n_stage, n_images), float("nan"), device=device),
             "rate": torch.full((b, n_stage), float("nan"), device=device),
         }
 
@@ -283,6 +290,11 @@ class Engine:
         b = row.shape[0]
         shares = torch.zeros(b, 5, device=row.device).scatter_add_(1, prev.groups, row)[:, :4]  # (B, 4)
         record["shares"][:, s - 1] = shares
+        if state.n_images > 1:  # the image share split per image (multi-image prompts)
+            ordinal = state.image_of.gather(1, prev.col.clamp(max=state.image_of.shape[1] - 1)) + 1  # (B, S_prev), 0: none
+            ordinal = ordinal.masked_fill(prev.groups != IMG, 0).clamp(max=state.n_images)
+            per_image = torch.zeros(b, state.n_images + 1, device=row.device).scatter_add_(1, ordinal, row)
+            record["image_shares"][:, s - 1] = per_image[:, 1:]
         # Candidates: the image tokens the probe layer sees; in evict mode only those stage s still
         # holds (a token that left never returns), so their count is segment s's (nested stages).
         evict_now = self.mode == "evict" and current is not None
@@ -363,6 +375,20 @@ class Engine:
                 state.cache.layers[layer].keep_slots(index)  # (B, Hkv, S_new, D) in place
             seg.set_slots(seg.col.gather(1, index), valid, valid)
             self._recount(state, seg)
+
+
+def _image_ordinals(group: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """(B, P) groups and each image's token count (batch order) -> (B, P) long: the ordinal of the
+    image each image column belongs to (0, 1, ... within its row), -1 elsewhere."""
+    is_img = group == IMG
+    out = torch.full_like(group, -1)
+    images = iter(counts)
+    for row, total in enumerate(is_img.sum(1).tolist()):
+        ordinals = []
+        while len(ordinals) < total:
+            ordinals += [len(set(ordinals))] * next(images, total)
+        out[row, is_img[row]] = torch.tensor(ordinals[:total], dtype=out.dtype, device=out.device)
+    return out
 
 
 def as_vision(vision) -> dict[str, torch.Tensor]:

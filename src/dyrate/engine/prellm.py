@@ -19,9 +19,10 @@ from ..policies import Policy
 
 
 def shrink_prompt(adapter: ModelAdapter, policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  vision) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  vision) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """input_ids, attention_mask: (B, P) left padded. Returns the new ids and mask (B, P'), positions
-    (A, B, P'), input embeddings (B, P', d) and each row's image tokens before reduction (B,)."""
+    (A, B, P'), input embeddings (B, P', d), each row's image tokens before reduction (B,) and each
+    image's tokens after it (in batch order)."""
     views = adapter.image_views(vision)
     reductions = [policy.reduce(view) for view in views]
     for view, red in zip(views, reductions):
@@ -78,4 +79,5 @@ def shrink_prompt(adapter: ModelAdapter, policy: Policy, input_ids: torch.Tensor
     hidden = adapter.embed_tokens(new_ids)  # (B, P', d)
     slots = (new_ids == image_id) & new_mask.bool()
     hidden = hidden.masked_scatter(slots.unsqueeze(-1), torch.cat(feats).to(hidden.dtype))
-    return new_ids, new_mask, new_pos, hidden, torch.tensor(n_img_full, device=input_ids.device)
+    counts = [red.features.shape[0] for red in reductions]
+    return new_ids, new_mask, new_pos, hidden, torch.tensor(n_img_full, device=input_ids.device), counts

@@ -18,7 +18,7 @@ def host_records(records: list[dict]) -> list[dict]:
              for k, v in rec.items()} for rec in records]
 
 
-BATCH_FIRST = ("shares", "rate")  # (B, ...) tensors in a record; the other entries are per-segment lists
+BATCH_FIRST = ("shares", "image_shares", "rate")  # (B, ...) tensors in a record; the other entries are per-segment lists
 
 
 def _row(key: str, value: list, row: int) -> list:
@@ -48,6 +48,8 @@ def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_te
         trace.append({
             "step": t,
             "shares": [None if math.isnan(v[0]) else dict(zip(GROUPS, v)) for v in rec["shares"]],
+            # multi-image prompts: the img share split per image, in prompt order (None: not computed)
+            "image_shares": [None if not v or math.isnan(v[0]) else v for v in rec["image_shares"]],
             "rate": [None if math.isnan(v) else v for v in rec["rate"]],
             "kept": img_layers,  # image tokens attended by each decoder layer
             "flops": step_flops,
