@@ -6,7 +6,6 @@ from forward hooks on the projections, not from dyrate's ImageView."""
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch

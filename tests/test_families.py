@@ -11,7 +11,7 @@ from PIL import Image
 
 import dyrate
 from dyrate.adapters import IMG, adapter_for
-from dyrate.adapters.inputs import build_prompt, encode
+from dyrate.adapters.inputs import encode
 from dyrate.engine import Engine, GenerationOptions, generate_tokens
 from dyrate.errors import CheckpointError, DyrateError, InputError
 from dyrate.policies import parse_policy
