@@ -9,7 +9,6 @@ token id, so all are `img` tokens and may be pruned; docs/models.md says why tha
 
 from __future__ import annotations
 
-
 from .base import DecoderAdapter, Vision
 from .vision import ImageView
 
