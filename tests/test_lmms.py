@@ -149,10 +149,12 @@ def _requests(images, contexts, continuations):
 
 
 def plain_logprob(model, processor, image, context: str, continuation: str) -> float:
-    """Log-probability of `continuation` after the templated context, from one plain forward pass."""
-    prompt = dyrate.api.build_prompt(processor, context)
-    batch = processor(images=[image], text=[prompt + continuation], return_tensors="pt")
-    n = len(processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0])
+    """Log-probability of `continuation` after the templated context, from one plain forward pass.
+    image: one image or a list (a multi-image prompt)."""
+    row = image if isinstance(image, list) else [image]
+    prompt = dyrate.api.build_prompt(processor, context, n_images=len(row))
+    batch = processor(images=[row], text=[prompt + continuation], return_tensors="pt")
+    n = len(processor(images=[row], text=[prompt], return_tensors="pt")["input_ids"][0])
     with torch.inference_mode():
         logits = model(**batch).logits[0].float().log_softmax(-1)
     ids = batch["input_ids"][0]
@@ -241,3 +243,31 @@ def test_other_families(family, images, tmp_path):
     for (lp, _), ctx, cont, img in zip(full.loglikelihood(reqs), contexts, ["abc", "de"], images):
         ref = plain_logprob(model, processor, img, ctx, cont)
         assert lp == pytest.approx(ref, abs=1e-4), family
+
+
+def test_multi_image_requests(tiny_dir, images):
+    """A request with several visuals is a multi-image prompt: generation equals dyrate.generate on the
+    same images, log-likelihood equals a plain forward pass; a request without a visual is one line."""
+    torch.set_num_threads(1)
+    model, processor = dyrate.load(tiny_dir)
+    lm = DyrateLlava(pretrained=str(tiny_dir), policy="fastv:k=2|r=0.5", device="cpu")
+    docs = [{"i": 0}, {"i": 1}]
+    lm.task_dict = {"t": {"test": docs}}
+    pair = lambda d: [images[d["i"]], images[2]]  # noqa: E731
+    gen = [Instance("generate_until", (QUESTIONS[i], {"max_new_tokens": 4, "until": []}, pair, i, "t", "test"),
+                    idx=0, metadata={"task": "t", "doc_id": i, "repeats": 1}) for i in range(2)]
+    want = dyrate.generate(model, processor, [[images[0], images[2]], [images[1], images[2]]], QUESTIONS[:2],
+                           policy=POLICY, max_new_tokens=4, template=True)
+    assert [r.text for r in lm.generate_until(gen)] == [w.text for w in want]
+
+    full = DyrateLlava(pretrained=str(tiny_dir), policy="none", device="cpu")
+    full.task_dict = {"t": {"test": docs}}
+    req = Instance("loglikelihood", (QUESTIONS[0], "ab", pair, 0, "t", "test"), idx=0,
+                   metadata={"task": "t", "doc_id": 0, "repeats": 1})
+    [(lp, _)] = full.loglikelihood([req])
+    assert lp == pytest.approx(plain_logprob(model, processor, [images[0], images[2]], QUESTIONS[0], "ab"), abs=1e-4)
+
+    none = Instance("generate_until", (QUESTIONS[0], {"max_new_tokens": 2}, lambda d: [], 0, "t", "test"), idx=0,
+                    metadata={"task": "t", "doc_id": 0, "repeats": 1})
+    with pytest.raises(InputError, match="at least one image"):
+        lm.generate_until([none])

@@ -198,15 +198,13 @@ class DyrateLlava(lmms):
         flat = []
         for v in visuals:
             flat.extend(v if isinstance(v, (list, tuple)) else [v])
-        if len(flat) != 1:
-            raise InputError(
-                f"dyrate_llava handles exactly one image per request; {task} doc {doc_id} has {len(flat)} visuals"
-            )
-        return read_image(flat[0])  # PIL image or path
+        if not flat:
+            raise InputError(f"dyrate_llava needs at least one image per request; {task} doc {doc_id} has none")
+        return [read_image(v) for v in flat]  # the request's images (a multi-image prompt when several)
 
     @staticmethod
     def _context(context: str) -> str:
-        """The task's text, without image placeholders (the chat template puts the image first)."""
+        """The task's text, without image placeholders (the chat template puts the images first)."""
         return context.replace(IMAGE_PLACEHOLDER, "").strip() or " "
 
     def _record(self, stat: SampleStats) -> None:
@@ -312,19 +310,19 @@ class DyrateLlava(lmms):
         out = []
         for context, target, doc_to_visual, doc_id, task, split in (req.args for req in requests):
             continuation = target if isinstance(target, str) else target(self._doc(task, split, doc_id))
-            image = self._image(doc_to_visual, task, split, doc_id)
+            images = self._image(doc_to_visual, task, split, doc_id)
             t0 = time.perf_counter()
-            logprob, greedy, n = self._continuation_logprob(image, self._context(context), continuation)
+            logprob, greedy, n = self._continuation_logprob(images, self._context(context), continuation)
             self._record(SampleStats(task, doc_id, "loglikelihood", self.policy.spec(), self.mode,
                                      n_tokens=n, latency_s=time.perf_counter() - t0))
             out.append((logprob, greedy))
         return out
 
     @torch.inference_mode()
-    def _continuation_logprob(self, image, context: str, continuation: str) -> tuple[float, bool, int]:
-        prompt = build_prompt(self.processor, context, template=True)
-        ctx = encode(self.processor, [image], [context], self._device, texts=[prompt])
-        full = encode(self.processor, [image], [context], self._device, texts=[prompt + continuation])
+    def _continuation_logprob(self, images: list, context: str, continuation: str) -> tuple[float, bool, int]:
+        prompt = build_prompt(self.processor, context, template=True, n_images=len(images))
+        ctx = encode(self.processor, [images], [context], self._device, texts=[prompt])
+        full = encode(self.processor, [images], [context], self._device, texts=[prompt + continuation])
         ctx_ids, full_ids = ctx.input_ids[0], full.input_ids[0]
         # tokens shared with the context's tokenization are context; the rest is the continuation
         n = min(len(ctx_ids), len(full_ids))
