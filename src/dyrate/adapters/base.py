@@ -8,6 +8,7 @@ how vision inputs are repeated for beams (`repeat_rows`). See docs/models.md."""
 
 from __future__ import annotations
 
+import abc
 import inspect
 from typing import Mapping
 
@@ -19,7 +20,7 @@ from .attention import install
 Vision = Mapping[str, torch.Tensor]  # processor outputs besides input_ids / attention_mask
 
 
-class DecoderAdapter:
+class DecoderAdapter(abc.ABC):
     """The language decoder is `model.model.language_model` (layers, norm, rotary_emb), the head
     `model.lm_head`; subclasses add the vision side."""
 
@@ -57,8 +58,9 @@ class DecoderAdapter:
         slots = (input_ids == self.image_token_id).unsqueeze(-1)  # (B, P, 1)
         return embeds.masked_scatter(slots, flat), [f.shape[0] for f in feats]
 
+    @abc.abstractmethod
     def _image_features(self, vision: Vision):
-        raise NotImplementedError
+        """One (n_i, d) decoder-ready feature tensor per image of the batch, in order."""
 
     def image_views(self, vision: Vision) -> list:
         """One `ImageView` per image of the batch, in order (pre-LLM reduction). Default: the

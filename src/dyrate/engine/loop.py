@@ -164,12 +164,14 @@ class Engine:
         the share vector (B, n_stage, 4), the image share per image (B, n_stage, n_images; computed only
         when some row has several images) and the rate (B, n_stage), NaN where nothing was decided."""
         n_stage = len(self.stages)
-        return {
+        record = {
             "queries": [], "keys": [], "img": [], "stored": [],
             "shares": torch.full((b, n_stage, 4), float("nan"), device=device),
-            "image_shares": torch.full((b, n_stage, n_images), float("nan"), device=device),
             "rate": torch.full((b, n_stage), float("nan"), device=device),
         }
+        if n_images > 1:  # only multi-image prompts split the image share (kept off the usual decode step)
+            record["image_shares"] = torch.full((b, n_stage, n_images), float("nan"), device=device)
+        return record
 
     def _wants_probe(self, state: DecodeState, s: int) -> bool:
         """Does the segment after segment s need a probe of this step?"""

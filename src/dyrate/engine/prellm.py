@@ -15,10 +15,10 @@ import torch
 
 from ..adapters import ModelAdapter
 from ..errors import InputError
-from ..policies import Policy
+from ..policies import PreLLMPolicy
 
 
-def shrink_prompt(adapter: ModelAdapter, policy: Policy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def shrink_prompt(adapter: ModelAdapter, policy: PreLLMPolicy, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   vision) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """input_ids, attention_mask: (B, P) left padded. Returns the new ids and mask (B, P'), positions
     (A, B, P'), input embeddings (B, P', d), each row's image tokens before reduction (B,) and each

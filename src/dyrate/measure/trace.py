@@ -49,7 +49,7 @@ def row_trace(engine: Engine, records, steps: list[int], shape, n_img: int, n_te
             "step": t,
             "shares": [None if math.isnan(v[0]) else dict(zip(GROUPS, v)) for v in rec["shares"]],
             # multi-image prompts: the img share split per image, in prompt order (None: not computed)
-            "image_shares": [None if not v or math.isnan(v[0]) else v for v in rec["image_shares"]],
+            "image_shares": [None if not v or math.isnan(v[0]) else v for v in rec.get("image_shares", [[]] * len(stages))],
             "rate": [None if math.isnan(v) else v for v in rec["rate"]],
             "kept": img_layers,  # image tokens attended by each decoder layer
             "flops": step_flops,

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..errors import PolicySpecError
-from .base import Policy, Probe
+from .base import Policy, PreLLMPolicy, Probe
 from .dyrate import DyRate
 from .dart import DART
 from .divprune import DivPrune
@@ -72,4 +72,4 @@ def parse_policy(spec: str | Policy) -> Policy:
         raise PolicySpecError(f"{spec!r}: bad parameter value ({err})") from None
 
 
-__all__ = ["Policy", "Probe", "REGISTRY", "parse_policy"]
+__all__ = ["Policy", "PreLLMPolicy", "Probe", "REGISTRY", "parse_policy"]

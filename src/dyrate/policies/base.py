@@ -93,14 +93,10 @@ class Policy(abc.ABC):
     name: str = "?"
     #: True when decisions at decode steps need a fresh probe (False: decided once at prefill)
     decode_probe: bool = False
-    #: True for a pre-LLM policy: `reduce` acts on each image before the decoder (no stages)
+    #: True for a pre-LLM policy (`PreLLMPolicy`): `reduce` acts on each image before the decoder
     pre_llm: bool = False
     #: True when the prefill decision needs every slot's state and key (Probe.slot_*)
     needs_slots: bool = False
-
-    def reduce(self, view) -> Reduction:
-        """Pre-LLM policies: the tokens that replace one image (`view`: adapters.vision.ImageView)."""
-        raise NotImplementedError(f"{self.name} is not a pre-LLM policy")
 
     @property
     def stages(self) -> tuple[int, ...]:
@@ -169,3 +165,21 @@ class Policy(abc.ABC):
                 kind = next(a for a in typing.get_args(kind) if a is not type(None))
             kwargs[key] = kind(text)  # int("2.5"), float("x"): ValueError, reported by parse_policy
         return cls(**kwargs)
+
+
+class PreLLMPolicy(Policy):
+    """A policy that reduces each image before the decoder (`reduce`); no in-LLM stage. Subclasses
+    are frozen dataclasses with a `positions` field (None, renumber or keep; docs/design.md, "Stages")
+    and call `super().__post_init__()` from their own."""
+
+    pre_llm = True
+
+    def __post_init__(self):
+        check_positions(self)
+
+    def keep(self, stage: int, probe: Probe, state) -> None:
+        return None  # no stage inside the decoder
+
+    @abc.abstractmethod
+    def reduce(self, view) -> Reduction:
+        """The tokens that replace one image (`view`: adapters.vision.ImageView)."""

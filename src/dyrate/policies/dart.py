@@ -27,6 +27,11 @@ from ..rates import keep_count
 from .base import Policy, Probe, check_layer, check_rate
 
 
+def per_pivot(kept: int, image_pivots: int, pivots: int) -> int:
+    """Image tokens each of `pivots` pivots takes so that about `kept` remain besides the image pivots."""
+    return max(kept - image_pivots, 0) // max(pivots, 1)
+
+
 def dart_choice(states: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor, kept: int, pivots_image: int,
                 pivots_text: int) -> list[int]:
     """One row: slot indices (into the row's slots) DART keeps. states (S, d), keys (S, C), groups (S,)."""
@@ -34,7 +39,7 @@ def dart_choice(states: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor, 
     image = (groups == IMG).nonzero()[:, 0]
     query = (groups == INS).nonzero()[:, 0]
     pi, pt = min(pivots_image, len(image)), min(pivots_text, len(query))
-    per_pivot = max(kept - pi, 0) // max(pivots_image + pivots_text, 1)
+    take = per_pivot(kept, pi, pivots_image + pivots_text)
     l1 = keys.float().abs().sum(-1)  # (S,)
     image_pivots = (image[l1[image].topk(pi).indices] - offset).tolist()
     query_pivots = (query[l1[query].topk(pt).indices] - offset).tolist()
@@ -46,7 +51,7 @@ def dart_choice(states: torch.Tensor, keys: torch.Tensor, groups: torch.Tensor, 
         if not pool:
             break
         sim = F.cosine_similarity(states[item + offset][None].float(), states[torch.tensor(pool) + offset].float(), dim=-1)
-        picks = [pool[i] for i in (-sim).topk(min(per_pivot, len(pool))).indices.tolist()]
+        picks = [pool[i] for i in (-sim).topk(min(take, len(pool))).indices.tolist()]
         chosen.update(picks)
         valid.difference_update(picks)
     chosen.difference_update(query_pivots)
@@ -89,6 +94,6 @@ class DART(Policy):
 
     def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
         pi = min(self.pivots_image, n_img)
-        per_pivot = max(keep_count(self.r, n_img) - pi, 0) // (self.pivots_image + self.pivots_text)
-        kept = min(n_img, pi + (self.pivots_image + self.pivots_text) * per_pivot)  # enough text tokens assumed
+        take = per_pivot(keep_count(self.r, n_img), pi, self.pivots_image + self.pivots_text)
+        kept = min(n_img, pi + (self.pivots_image + self.pivots_text) * take)  # enough text tokens assumed
         return [n_img] * self.k + [kept] * (n_layers - self.k)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..rates import keep_count
-from .base import Policy, Reduction, check_rate, check_positions
+from .base import PreLLMPolicy, Reduction, check_rate
 
 
 def max_min_subset(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -42,18 +42,15 @@ def max_min_subset(features: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class DivPrune(Policy):
+class DivPrune(PreLLMPolicy):
     r: float = 0.902
     positions: str | None = None  # renumber | keep (None: renumber on 1-D RoPE, keep on M-RoPE)
     name = "divprune"
-    pre_llm = True
 
     def __post_init__(self):
-        check_positions(self)
+        super().__post_init__()
         check_rate(self.r)
 
-    def keep(self, stage, probe, state):
-        return None  # no in-LLM stage
 
     def reduce(self, view) -> Reduction:
         k = keep_count(self.r, view.n)

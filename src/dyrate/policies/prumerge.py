@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PolicySpecError
-from .base import Policy, Reduction, check_positions
+from .base import PreLLMPolicy, Reduction
 from .visionzip import _check_tower
 
 
@@ -37,23 +37,20 @@ def outlier_ratio(scores: torch.Tensor) -> float:
 
 
 @dataclass(frozen=True)
-class PruMerge(Policy):
+class PruMerge(PreLLMPolicy):
     neighbours: int = 32
     ratio: float | None = None  # kept fraction; None: adaptive (IQR outliers)
     positions: str | None = None  # renumber | keep (None: renumber on 1-D RoPE, keep on M-RoPE)
     name = "prumerge"
-    pre_llm = True
     plus = False
 
     def __post_init__(self):
-        check_positions(self)
+        super().__post_init__()
         if self.neighbours < 0:
             raise PolicySpecError(f"{self.spec()}: neighbours must be >= 0")
         if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
             raise PolicySpecError(f"{self.spec()}: ratio (the kept fraction) must lie in (0, 1]")
 
-    def keep(self, stage, probe, state):
-        return None
 
     def static_image_tokens(self, n_img: int, n_layers: int) -> list[int] | None:
         return None  # the adaptive count depends on the image

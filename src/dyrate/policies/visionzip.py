@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import PolicySpecError
-from .base import Policy, Reduction, check_positions
+from .base import PreLLMPolicy, Reduction
 
 
 def _check_tower(name: str, view) -> None:
@@ -33,20 +33,17 @@ def _check_tower(name: str, view) -> None:
 
 
 @dataclass(frozen=True)
-class VisionZip(Policy):
+class VisionZip(PreLLMPolicy):
     dominant: int = 54
     contextual: int = 10
     positions: str | None = None  # renumber | keep (None: renumber on 1-D RoPE, keep on M-RoPE)
     name = "visionzip"
-    pre_llm = True
 
     def __post_init__(self):
-        check_positions(self)
+        super().__post_init__()
         if self.dominant < 1 or self.contextual < 0:
             raise PolicySpecError(f"{self.spec()}: dominant must be >= 1 (it counts the class token) and contextual >= 0")
 
-    def keep(self, stage, probe, state):
-        return None
 
     def reduce(self, view) -> Reduction:
         _check_tower(self.spec(), view)
