@@ -10,6 +10,7 @@ token's column at step t) sees, in the layers of stage s, the image columns visi
 step, stage s decides at its probe layer K_s - 1 from the newest query's head-averaged attention:
 evict keeps the top min(target, |cand|) of the tokens still kept (cand = visible[t-1][s] minus what
 earlier stages dropped this step); mask keeps the top target of those the probe layer sees.
+Policies in PREFILL_RANKED rank by the prefill's probe row at every step instead of the step's own.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import math
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+PREFILL_RANKED = ("progressive",)  # policies that rank by the prefill's probe at every step
 
 
 def policy_rule(spec: str):
@@ -35,6 +39,10 @@ def policy_rule(spec: str):
         return (k,), (lambda s, t, n: keep(r, n))
     if name == "vtw":
         return (int(params["k"]),), (lambda s, t, n: 0 if t == 0 else None)
+    if name == "progressive":  # a shrinking schedule over steps, ranked by the prefill's probe (see PREFILL_RANKED)
+        k = int(params.pop("k"))
+        steps = {int(a): float(b) for a, b in params.items()}
+        return (k,), (lambda s, t, n: keep(steps[t], n) if t in steps else None)
     if name == "schedule":
         steps = sorted((int(a), float(b)) for a, b in params.items())
         return tuple(k for k, _ in steps), (lambda s, t, n: keep(steps[s][1], n) if t == 0 else None)
@@ -99,6 +107,8 @@ def reference_generate(model, input_ids, pixel_values, spec: str, mode: str, max
     n_prompt = len(ids)
     img_cols = [c for c, tok in enumerate(ids) if tok == image_id]
     stages, target = policy_rule(spec)
+    prefill_ranked = spec.partition(":")[0] in PREFILL_RANKED
+    first_rows: dict[int, torch.Tensor] = {}  # stage -> the prefill's probe row
     feats = _image_features(model, vision)
     prompt_emb = lm.embed_tokens(input_ids[0]).clone()
     prompt_emb[torch.tensor(img_cols)] = feats
@@ -129,6 +139,8 @@ def reference_generate(model, input_ids, pixel_values, spec: str, mode: str, max
             if is_probe:
                 row = probe_out[0]
                 ns = s + 1
+                if prefill_ranked:  # every step ranks by the prefill's probe
+                    row = first_rows.setdefault(ns, row)
                 seen_probe = vis_t[s]  # image columns the probe layer lets this query see
                 n_img = len(img_cols)
                 if mode == "evict":

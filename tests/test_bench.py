@@ -27,6 +27,26 @@ def test_bench_rows(tiny):
     assert by["none", 2].peak_kv_bytes == 2 * by["none", 1].peak_kv_bytes
 
 
+def test_bench_phases_show_a_shrinking_kept_set(tiny):
+    """The per-phase KV bytes follow a progressive rate: constant for FastV, falling as tokens leave."""
+    from dyrate.measure.bench import phase_bounds
+
+    assert phase_bounds(12) == [(1, 3), (4, 6), (7, 9), (10, 12)]
+    assert phase_bounds(2) == [(1, 1), (2, 2)]
+    assert phase_bounds(13) == [(1, 3), (4, 6), (7, 9), (10, 13)]
+    rows = bench(tiny[0], ["fastv:k=2,r=0.5", "progressive:k=2,0=0.5,4=0.75,10=0.9375"], [2], new_tokens=13,
+                 text_tokens=10, repeats=1)
+    fastv, prog = rows
+    assert [p[:2] for p in prog.phases] == phase_bounds(12)
+    assert all(ms > 0 for _, _, ms, _ in prog.phases)
+    grow = [kv for *_, kv in fastv.phases]
+    assert grow == sorted(grow) and grow[0] < grow[-1]  # one new entry per step and layer
+    # 16 image tokens: 8 kept at prefill, 4 from step 4, 1 from step 10 (in layers >= 2)
+    assert prog.phases[0][3] == fastv.phases[0][3]
+    assert prog.phases[-1][3] < fastv.phases[-1][3]
+    assert prog.retained < fastv.retained
+
+
 def test_random_configs_are_shape_faithful():
     model = random_model("llava-1.5-7b", layers=1, device="meta")
     cfg = model.config.text_config
@@ -86,6 +106,7 @@ def test_cli_bench_json(tiny_dir, capsys):
     payload = json.loads(out[-1])
     assert payload["conditions"]["image_tokens"] == 16
     assert [r["policy"] for r in payload["results"]] == ["none", "fastv:k=2,r=0.5"]
+    assert [p["steps"] for p in payload["results"][0]["phases"]] == [[1, 1], [2, 2]]
 
 
 @pytest.mark.parametrize("args", [

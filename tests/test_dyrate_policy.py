@@ -280,21 +280,26 @@ def test_decide_prefill_is_fastv_at_the_prefills_rate(tiny, images, prompts, tmp
     assert len(rates) > 1, rates  # the test predictor is not constant: deciding once is what made the rows equal
 
 
-@pytest.mark.parametrize("arch", ["mlp", "gru"])
-def test_decide_shrink_decides_every_step_and_only_shrinks_in_evict(tiny, images, prompts, tmp_path, arch):
-    """decide "shrink": a probe at every step; in evict mode the kept count of layer K at step t is the
-    running minimum of the counts the predictor asked for (the kept set never grows back), and each
-    row of a batch equals the row alone."""
+@pytest.mark.parametrize("arch,features", [("mlp", ("shares", "step")), ("gru", ("shares", "step")),
+                                           ("mlp", ("hidden", "step")), ("gru", ("hidden", "step"))])
+def test_decide_shrink_decides_every_step_and_only_shrinks_in_evict(tiny, images, prompts, tmp_path, arch, features):
+    """decide "shrink": a decision at every step (with a probe when the features read the share
+    vector; without one on hidden + step); in evict mode the kept count of layer K at step t is the
+    running minimum of the counts the predictor asked for (the kept set never grows back), each
+    row of a batch equals the row alone, and a row equals `progressive` (tested against the
+    independent reference) at the rates it chose."""
     from dyrate.rates import keep_count
 
-    pred = new_predictor(arch, k=K, history=4, model=tiny[0], features=("shares", "step"), seed=7, rank="prefill",
+    pred = new_predictor(arch, k=K, history=4, model=tiny[0], features=features, seed=7, rank="prefill",
                          decide="shrink")
-    with torch.no_grad():  # spread the logits so the argmax moves with the shares and the step
+    with torch.no_grad():  # spread the logits so the argmax moves with the features
         for p in pred.parameters():
             p.mul_(40.0)
     path = write(pred, tmp_path / "shrink.safetensors")
     policy = f"{ARCH_POLICY[arch]}:k={K},predictor={path}"
-    assert parse_policy(policy).decode_probe is True
+    probed = "shares" in features
+    assert parse_policy(policy).decode_probe is probed
+    assert parse_policy(policy).decode_decides is not probed
     batch = run(tiny, images, prompts, policy, "evict", max_new_tokens=12)
     asked_varies, regrowth_refused = False, False
     for i, res in enumerate(batch):
@@ -306,6 +311,15 @@ def test_decide_shrink_decides_every_step_and_only_shrinks_in_evict(tiny, images
         regrowth_refused |= any(asked[t] > kept[t] for t in range(len(asked)))
         [alone] = run(tiny, images[i:], prompts[i:], policy, "evict", n=1, max_new_tokens=12)
         assert alone.token_ids == res.token_ids
+        assert all((e["shares"][0] is None) == (not probed and e["step"] > 0) for e in res.trace)
+        schedule, rate = {}, -1.0
+        for t, e in enumerate(res.trace):  # the rate each step effectively ran at: the largest so far
+            if e["rate"][0] > rate + 1e-9:
+                rate = schedule[t] = round(e["rate"][0], 6)
+        spec = f"progressive:k={K}," + ",".join(f"{t}={r:g}" for t, r in schedule.items())
+        [same] = run(tiny, images[i:], prompts[i:], spec, "evict", n=1, max_new_tokens=12)
+        assert same.token_ids == res.token_ids
+        assert [e["kept"] for e in same.trace] == [e["kept"] for e in res.trace]
     assert asked_varies and regrowth_refused  # the test predictor is not constant, and asked to grow back once
 
 

@@ -22,6 +22,7 @@ POLICIES = [
     "fixed:k=2,r=0.5",
     "fixed:k=1,r=0.75",
     "schedule:1=0.25,3=0.75",
+    "progressive:k=2,0=0.25,2=0.5,4=0.8",
     "none:k=2",
 ]
 
@@ -103,7 +104,8 @@ def test_matches_reference(tiny, images, prompts, spec, mode):
 
 # ---------------------------------------------------------------- batch rows == rows alone
 @pytest.mark.parametrize("mode", ["evict", "mask"])
-@pytest.mark.parametrize("spec", ["fastv:k=2,r=0.5", "fixed:k=1,r=0.75", "schedule:1=0.25,3=0.75", "vtw:k=1"])
+@pytest.mark.parametrize("spec", ["fastv:k=2,r=0.5", "fixed:k=1,r=0.75", "schedule:1=0.25,3=0.75", "vtw:k=1",
+                                  "progressive:k=1,0=0.25,2=0.5,4=0.8"])
 @pytest.mark.parametrize("beams", [1, 2])
 def test_batch_equals_rows_alone(tiny, images, prompts, spec, mode, beams):
     model, processor = tiny

@@ -4,8 +4,13 @@ KV-cache memory, FLOPs (three conventions) and retained image tokens, at several
 Warm-up is excluded; times are medians over --repeats; the conditions (device, dtype, threads,
 shapes) are printed, and the last line of output is one JSON object. Uses CUDA when present.
 
+A second table per batch splits the decode steps into four phases (ms per step, KV bytes held at
+each phase's end), so a kept set that shrinks as the answer grows (`progressive`, a `dyrate`
+predictor with decide "shrink") shows its decode steps getting cheaper.
+
 Examples:
   dyrate bench --config medium --random-weights --batch 1,16
+  dyrate bench --config medium --random-weights --policies "none;fastv:k=2,r=0.5;progressive:k=2,0=0.5,16=0.75,32=0.9"
   dyrate bench --config llava-1.5-7b --random-weights --layers 4 --batch 1 --new-tokens 16
   dyrate bench --config qwen2.5-vl-7b --random-weights --layers 4 --image-side 896 --batch 1
   dyrate bench --model ./llava-ckpt --policies "none;fastv:k=2,r=0.5" --batch 1,8
@@ -100,10 +105,19 @@ def run(args: argparse.Namespace) -> int:
                 f"{100 * r.retained:.0f}%",
             )
         console.print(table)
+        phases = Table(title=f"batch {b}: decode steps by phase (ms per step / KV MiB held at the phase's end)")
+        phases.add_column("policy", no_wrap=True)
+        for lo, hi, _, _ in rows[0].phases:
+            phases.add_column(f"steps {lo}-{hi}", justify="right", no_wrap=True)
+        for r in (r for r in rows if r.batch == b):
+            phases.add_row(r.policy, *(f"{ms:.2f} / {kv / 2**20:.1f}" for _, _, ms, kv in r.phases))
+        console.print(phases)
     console.print("x = speed-up over `none` at the same batch; FLOPs: decoder layers, 2dm FFN (docs/flops.md)")
     payload = {"conditions": cond, "results": [
         {"policy": r.policy, "batch": r.batch, "ttft_s": r.ttft_s, "decode_tok_s": r.decode_tok_s, "e2e_s": r.e2e_s,
          "peak_kv_bytes": r.peak_kv_bytes, "retained": r.retained,
-         "flops_ratio": {c: r.flops[c]["ratio"] for c in r.flops}} for r in rows]}
+         "flops_ratio": {c: r.flops[c]["ratio"] for c in r.flops},
+         "phases": [{"steps": [lo, hi], "ms_per_step": ms, "kv_bytes": kv} for lo, hi, ms, kv in r.phases]}
+        for r in rows]}
     print(json.dumps(payload))
     return 0

@@ -149,7 +149,7 @@ class Engine:
         pos_emb = a.rotary(hidden, position_ids)
         row = None
         for s, seg in enumerate(state.segments):
-            if row is not None:  # the previous segment probed: stage s may change its kept set
+            if row is not None or (s > 0 and self.policy.decode_decides):  # stage s may change its kept set
                 self._decide(state, s, row, hidden[:, -1], record)
             seg.append(new_col)
             hidden, row = self._run_layers(state, seg, hidden, q=1, record=record, s=s, pos=(position_ids, pos_emb))
@@ -223,20 +223,23 @@ class Engine:
     def _select(self, state: DecodeState, s: int, row: torch.Tensor, hidden: torch.Tensor, record,
                 current: Segment | None, slots: torch.Tensor | None = None):
         """Ask the policy for stage s (segment s). `row` (B, S_prev) is the probe over the slots of
-        segment s-1 and `hidden` (B, d) the newest query's state after it; `current` is segment s
+        segment s-1 (None at the decode steps of a policy that decides without a probe: no shares,
+        no attention scores) and `hidden` (B, d) the newest query's state after it; `current` is segment s
         as it stands (None at prefill). Returns a (B, C) bitmap of
         the columns stage s keeps, or None when the policy leaves the kept set as it is.
 
         This runs every decode step of a probing policy, so the cheap part (shares, counts, the
         policy's target) comes first and the ranking only when some row must give tokens up."""
         prev = state.segments[s - 1]
-        b = row.shape[0]
-        shares = torch.zeros(b, 5, device=row.device).scatter_add_(1, prev.groups, row)[:, :4]  # (B, 4)
-        record["shares"][:, s - 1] = shares
-        if state.n_images > 1:  # the image share split per image (multi-image prompts)
+        b, device = hidden.shape[0], hidden.device
+        shares = None
+        if row is not None:
+            shares = torch.zeros(b, 5, device=device).scatter_add_(1, prev.groups, row)[:, :4]  # (B, 4)
+            record["shares"][:, s - 1] = shares
+        if row is not None and state.n_images > 1:  # the image share split per image (multi-image prompts)
             ordinal = state.image_of.gather(1, prev.col.clamp(max=state.image_of.shape[1] - 1)) + 1  # (B, S_prev), 0: none
             ordinal = ordinal.masked_fill(prev.groups != IMG, 0).clamp(max=state.n_images)
-            per_image = torch.zeros(b, state.n_images + 1, device=row.device).scatter_add_(1, ordinal, row)
+            per_image = torch.zeros(b, state.n_images + 1, device=device).scatter_add_(1, ordinal, row)
             record["image_shares"][:, s - 1] = per_image[:, 1:]
         # Candidates: the image tokens the probe layer sees; in evict mode only those stage s still
         # holds (a token that left never returns), so their count is segment s's (nested stages).
@@ -251,22 +254,22 @@ class Engine:
         target = self.policy.keep(s - 1, probe, state.policy_state)
         if target is None:
             return None
-        k = torch.minimum(target.to(row.device), kept).clamp_(min=0)  # (B,)
+        k = torch.minimum(target.to(device), kept).clamp_(min=0)  # (B,)
         record["rate"][:, s - 1] = self.policy.rate(s - 1, probe, k, state.policy_state)
         if evict_now and torch.equal(k, kept):
             return None  # every row keeps all it still has: nothing to rank or evict
         cand = (prev.groups == IMG) & prev.attend  # (B, S_prev)
         if evict_now:
             cand &= self._kept_bitmap(state, current).gather(1, prev.col)
-        probe.img_scores = row.masked_fill(~cand, 0.0)
+        probe.img_scores = (row if row is not None else cand.float()).masked_fill(~cand, 0.0)
         # rank the candidates by the policy's scores (default: attention; ties: earlier slot
         # first) and keep the top k of each row
         ranking = self.policy.scores(s - 1, probe, state.policy_state)  # (B, S_prev)
         order = ranking.masked_fill(~cand, float("-inf")).sort(dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=row.device).expand_as(order))
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=device).expand_as(order))
         chosen = cand & (rank < k[:, None])  # (B, S_prev)
         c = state.n_cols
-        bitmap = torch.zeros(b, c + 1, dtype=torch.bool, device=row.device)
+        bitmap = torch.zeros(b, c + 1, dtype=torch.bool, device=device)
         bitmap.scatter_(1, torch.where(chosen, prev.col, c), True)
         return bitmap[:, :c] | (state.group != IMG)
 

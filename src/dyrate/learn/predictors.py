@@ -6,9 +6,11 @@ Two architectures:
   front until N steps have been seen, in training and at inference alike) -> B logits. `history=0`
   means an unbounded recurrence: the GRU's hidden state is carried from step to step.
 
-Features (`features`, in this order): `shares` (always, 4 values) and optionally `step`
-(log1p of the decode step; 0 at prefill) and `hidden` (the newest token's hidden state after the
-probe layer K-1, RMS-normalised without weights: `model_dim` values). `hidden` is our extension,
+Features (`features`, concatenated in the order given): `shares` (4 values), `step` (log1p of the
+decode step; 0 at prefill) and `hidden` (the newest token's hidden state after the probe layer K-1,
+RMS-normalised without weights: `model_dim` values). A predictor without `shares` and with the
+prefill's ranking needs no probe at decode steps (`needs_probe`): only the hidden state, which the
+decoder computes anyway. `hidden` is our extension,
 not the paper's: it tells the predictor *which* token it is about to predict (after "a large" the
 model needs the image, after "at the" too, after "and" it does not), which the share vector alone
 does not (docs/dyrate.md).
@@ -42,7 +44,7 @@ from torch import nn
 from ..errors import CheckpointError, PolicySpecError
 
 ARCHS = ("mlp", "gru")
-EXTRA_FEATURES = ("step", "hidden")
+FEATURES = ("shares", "step", "hidden")
 RANKS = ("step", "prefill")
 DECIDES = ("step", "prefill", "shrink")
 META_KEY = "dyrate"
@@ -118,8 +120,8 @@ class PredictorConfig:
             raise PolicySpecError(f"predictor bins={self.bins}: need at least 2 rate bins")
         if self.k < 1:
             raise PolicySpecError(f"predictor k={self.k}: the first pruned layer must be >= 1")
-        if not self.features or self.features[0] != "shares" or any(f not in EXTRA_FEATURES for f in self.features[1:]):
-            raise PolicySpecError(f"predictor features {list(self.features)}: expected 'shares' then any of {EXTRA_FEATURES}")
+        if not self.features or any(f not in FEATURES for f in self.features):
+            raise PolicySpecError(f"predictor features {list(self.features)}: expected one or more of {FEATURES}")
         if len(set(self.features)) != len(self.features):
             raise PolicySpecError(f"predictor features {list(self.features)}: a feature is repeated")
         if "hidden" in self.features and self.model_dim < 1:
@@ -133,18 +135,33 @@ class PredictorConfig:
 
     @property
     def in_dim(self) -> int:
-        return 4 + ("step" in self.features) + (self.model_dim if "hidden" in self.features else 0)
+        return 4 * ("shares" in self.features) + ("step" in self.features) + (self.model_dim if "hidden" in self.features else 0)
+
+    @property
+    def needs_probe(self) -> bool:
+        """Does a decision read the probe's attention (the share vector, or each step's ranking)? A
+        predictor on `hidden` / `step` with the prefill's ranking decides at decode steps without one."""
+        return "shares" in self.features or self.rank == "step"
 
 
-def feature_vector(shares: torch.Tensor, step: torch.Tensor | int, features: tuple[str, ...],
+def feature_vector(shares: torch.Tensor | None, step: torch.Tensor | int, features: tuple[str, ...],
                    hidden: torch.Tensor | None = None) -> torch.Tensor:
-    """(..., 4) shares (+ step: scalar or (...) tensor; + hidden: (..., d) states after layer K-1)
-    -> (..., F) float32 predictor input."""
-    parts = [shares.float()]
-    for name in features[1:]:
-        if name == "step":
-            s = torch.as_tensor(step, dtype=torch.float32, device=shares.device)
-            parts.append(torch.log1p(s).expand(shares.shape[:-1]).unsqueeze(-1))
+    """The predictor input (..., F) float32, its parts in the order of `features`: `shares` (..., 4)
+    the share vector, `step` log1p of the step (scalar or (...) tensor), `hidden` (..., d) the states
+    after layer K-1, RMS-normalised. `shares` may be None when the features leave it out."""
+    lead = shares if shares is not None else hidden
+    if lead is None:
+        raise PolicySpecError("this predictor reads the probe layer's hidden state; none was given")
+    batch, device = lead.shape[:-1], lead.device
+    parts = []
+    for name in features:
+        if name == "shares":
+            if shares is None:
+                raise PolicySpecError("this predictor reads the share vector; no probe was run")
+            parts.append(shares.float())
+        elif name == "step":
+            s = torch.as_tensor(step, dtype=torch.float32, device=device)
+            parts.append(torch.log1p(s).expand(batch).unsqueeze(-1))
         elif name == "hidden":
             if hidden is None:
                 raise PolicySpecError("this predictor reads the probe layer's hidden state; none was given")

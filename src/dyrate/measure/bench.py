@@ -36,6 +36,9 @@ class BenchRow:
     peak_kv_bytes: int  # largest KV cache held during the run
     flops: dict  # per convention: ratio, flops, full_flops
     retained: float
+    # the decode steps in (up to) four equal phases: (first step, last step, median ms per step, KV
+    # bytes the cache holds at the phase's end): a shrinking kept set shows here as tokens leave
+    phases: list[tuple[int, int, float, int]]
 
 
 def _sync(device) -> None:
@@ -48,6 +51,18 @@ def _kv_bytes(cache) -> int:
                for layer in cache.layers if layer.is_initialized)
 
 
+def _kv_held(cache) -> int:
+    """Bytes of the KV entries the cache holds now (spare room not counted)."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
+
+
+def phase_bounds(n_steps: int, n_phases: int = 4) -> list[tuple[int, int]]:
+    """Decode steps 1..n_steps cut into up to n_phases runs of near-equal length: [(first, last)]."""
+    n = min(n_phases, n_steps)
+    cuts = [1 + (n_steps * i) // n for i in range(n + 1)]
+    return [(cuts[i], cuts[i + 1] - 1) for i in range(n)]
+
+
 @torch.inference_mode()
 def run_once(engine: Engine, ids, mask, vision, new_tokens: int):
     device = ids.device
@@ -58,13 +73,19 @@ def run_once(engine: Engine, ids, mask, vision, new_tokens: int):
     _sync(device)
     first = time.perf_counter()
     peak = _kv_bytes(state.cache)
-    for _ in range(new_tokens - 1):
-        logits = engine.decode(state, tok)
-        tok = logits.argmax(-1)
-        peak = max(peak, _kv_bytes(state.cache))
-    _sync(device)
-    end = time.perf_counter()
-    return first - start, end - first, end - start, peak, state
+    phases = []  # (seconds, KV bytes held at the end) per phase
+    t0 = first
+    for lo, hi in phase_bounds(new_tokens - 1):
+        for _ in range(lo, hi + 1):
+            logits = engine.decode(state, tok)
+            tok = logits.argmax(-1)
+            peak = max(peak, _kv_bytes(state.cache))
+        _sync(device)
+        t1 = time.perf_counter()
+        phases.append((t1 - t0, _kv_held(state.cache)))
+        t0 = t1
+    end = t0
+    return first - start, end - first, end - start, peak, state, phases
 
 
 def bench(model, policies: list[str], batches: list[int], new_tokens: int = 64, text_tokens: int = 40,
@@ -91,12 +112,14 @@ def bench(model, policies: list[str], batches: list[int], new_tokens: int = 64, 
                 if progress:
                     progress()
         for engine, results in zip(engines, runs):
-            ttft, dec, e2e, peaks, states = zip(*results)
+            ttft, dec, e2e, peaks, states, phase_runs = zip(*results)
             _, fl, retained, _ = row_trace(engine, host_records(states[-1].records), [0] * new_tokens, shape,
                                            inp.n_img, inp.n_sys + inp.n_ins)
+            phases = [(lo, hi, 1000 * statistics.median(run[i][0] for run in phase_runs) / (hi - lo + 1),
+                       phase_runs[-1][i][1]) for i, (lo, hi) in enumerate(phase_bounds(new_tokens - 1))]
             rows.append(BenchRow(engine.policy.spec(), b, statistics.median(ttft),
                                  b * (new_tokens - 1) / statistics.median(dec), statistics.median(e2e),
-                                 max(peaks), fl, retained))
+                                 max(peaks), fl, retained, phases))
     return rows
 
 
@@ -117,4 +140,5 @@ def conditions(model, text_tokens: int, new_tokens: int, mode: str, image_side: 
     }
 
 
-__all__ = ["RANDOM_CONFIGS", "BenchRow", "bench", "conditions", "make_inputs", "random_model", "run_once"]
+__all__ = ["RANDOM_CONFIGS", "BenchRow", "bench", "conditions", "make_inputs", "phase_bounds", "random_model",
+           "run_once"]

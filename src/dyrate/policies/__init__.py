@@ -12,6 +12,7 @@ from .dyrate_rnn import DyRateRNN
 from .fastv import FastV
 from .fixed import FixedRate
 from .none import NoPruning
+from .progressive import Progressive
 from .prumerge import PruMerge, PruMergePlus
 from .random_rank import RandomPruning
 from .schedule import DepthSchedule
@@ -25,6 +26,7 @@ REGISTRY: dict[str, type[Policy]] = {
     "vtw": VTW,
     "fixed": FixedRate,
     "schedule": DepthSchedule,
+    "progressive": Progressive,
     "random": RandomPruning,
     "dyrate": DyRate,
     "dyrate-rnn": DyRateRNN,

@@ -50,7 +50,8 @@ class Probe:
     """What a policy sees at one stage and one step (batch of B rows).
 
     shares: (B, 4) float, attention of the newest query at the probe layer summed per group
-            (sys, img, ins, res), head-averaged; each row sums to 1.
+            (sys, img, ins, res), head-averaged; each row sums to 1. None at the decode steps of a
+            policy that decides without a probe (`decode_decides`).
     img_scores: (B, S) float, that attention on each image slot (0 where the slot is not a
             candidate image token); the engine ranks image tokens by it. Filled only for `scores`,
             i.e. after `keep` asked some row to give tokens up (None inside `keep`: the cheap
@@ -86,6 +87,17 @@ class Reduction:
     anchors: torch.Tensor
 
 
+def prefill_ranking(probe: Probe, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, S) scores for a policy that ranks by the prefill's probe at every step (FastV's ranking,
+    kept): stored at step 0, handed back later. The slots the prefill probe saw keep their indices
+    (the probe layer's segment is never compacted); later slots are never image tokens (score 0)."""
+    if probe.step == 0:
+        state["prefill_scores"] = probe.img_scores  # (B, S_prefill)
+    first = state["prefill_scores"]
+    pad = probe.img_scores.shape[1] - first.shape[1]
+    return torch.cat([first, first.new_zeros(first.shape[0], pad)], dim=1) if pad else first  # (B, S)
+
+
 class Policy(abc.ABC):
     """Base class. Subclasses are frozen dataclasses holding only configuration."""
 
@@ -93,6 +105,9 @@ class Policy(abc.ABC):
     name: str = "?"
     #: True when decisions at decode steps need a fresh probe (False: decided once at prefill)
     decode_probe: bool = False
+    #: True when the policy decides at decode steps without a probe row (Probe.shares is None there;
+    #: it ranks by the prefill's probe, e.g. a schedule over decode steps): no attention is probed
+    decode_decides: bool = False
     #: True for a pre-LLM policy (`PreLLMPolicy`): `reduce` acts on each image before the decoder
     pre_llm: bool = False
     #: True when the prefill decision needs every slot's state and key (Probe.slot_*)

@@ -26,7 +26,7 @@ from ..assets import predictor_path
 from ..errors import PolicySpecError
 from ..learn.predictors import RatePredictor, check_predictor, feature_vector, load_predictor
 from ..rates import keep_counts
-from .base import Policy, Probe, check_layer
+from .base import Policy, Probe, check_layer, prefill_ranking
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,13 @@ class DyRate(Policy):
 
     @property
     def decode_probe(self) -> bool:  # type: ignore[override]
-        return self.net.config.decide != "prefill"  # "prefill": the prefill's rate holds for the answer
+        # "prefill": the prefill's rate holds for the answer; without the share vector and with the
+        # prefill's ranking a decision reads only the hidden state (decode_decides)
+        return self.net.config.decide != "prefill" and self.net.config.needs_probe
+
+    @property
+    def decode_decides(self) -> bool:  # type: ignore[override]
+        return self.net.config.decide != "prefill" and not self.net.config.needs_probe
 
     @property
     def bins(self) -> int:
@@ -99,8 +105,8 @@ class DyRate(Policy):
             self._check_n_img(probe)
         net = self.net
         param = next(net.parameters())
-        if param.device != probe.shares.device:
-            net.to(probe.shares.device)
+        if param.device != probe.n_img.device:
+            net.to(probe.n_img.device)
         x = feature_vector(probe.shares, probe.step, net.config.features, probe.hidden)  # (B, F)
         logits = net.step(x, state)  # (B, bins)
         if self.q is None:
@@ -113,16 +119,10 @@ class DyRate(Policy):
         return keep_counts(rate, probe.n_img)
 
     def scores(self, stage: int, probe: Probe, state) -> torch.Tensor:
-        """The probe's attention (rank "step"), or the prefill's for every step (rank "prefill"):
-        the slots the prefill probe saw keep their indices (the probe layer's segment is never
-        compacted), later slots are never image tokens."""
+        """The probe's attention (rank "step"), or the prefill's for every step (rank "prefill")."""
         if self.net.config.rank == "step":
             return probe.img_scores
-        if probe.step == 0:
-            state["prefill_scores"] = probe.img_scores  # (B, S_prefill)
-        first = state["prefill_scores"]
-        pad = probe.img_scores.shape[1] - first.shape[1]
-        return torch.cat([first, first.new_zeros(first.shape[0], pad)], dim=1) if pad else first  # (B, S)
+        return prefill_ranking(probe, state)
 
     def rate(self, stage: int, probe: Probe, keep: torch.Tensor, state) -> torch.Tensor:
         return state["rate"]
