@@ -2,7 +2,11 @@
 to logits over B reduction rates {0, 1/B, ..., (B-1)/B}; the argmax bin i keeps
 ceil((1 - i/B) * n_img) image tokens from layer K on. `q=Q` (our extension) takes the Q-quantile
 bin of the predicted distribution instead of the argmax: the lowest bin whose cumulative
-probability reaches Q, a knob between quality and cost that needs no retraining.
+probability reaches Q, a knob between quality and cost that needs no retraining. `cap=C` (ours)
+keeps at most a fraction C of the image tokens at any step (a ceiling on the learned budget: the
+rate is at least 1 - C). `every=N` (ours, MLP predictors) decides at the prefill and at every N-th
+decode step only: a shrinking kept set then shrinks a little later, and the steps between cost
+nothing extra.
 `dyrate:k=K,predictor=FILE` uses an MLP on the current share vector; `dyrate-rnn` (dyrate_rnn.py)
 a GRU over the last N share vectors. A predictor file with `decide: prefill` (our extension) picks
 one rate per prompt at prefill and keeps it: no probe at decode steps, as FastV; one with
@@ -34,6 +38,8 @@ class DyRate(Policy):
     k: int | None = None  # None: the predictor's own K
     predictor: str = ""  # a predictor file; "": the one shipped for the built-in model
     q: float | None = None  # None: argmax bin; else the q-quantile bin of the predicted distribution
+    cap: float | None = None  # None: no cap; else no step keeps more than this fraction of the image tokens
+    every: int | None = None  # None: every step; N: the prefill and every N-th decode step (MLP only)
     net: object = field(default=None, compare=False, repr=False, metadata={"spec": False})  # a loaded RatePredictor
     name = "dyrate"
     arch = "mlp"
@@ -54,6 +60,12 @@ class DyRate(Policy):
             object.__setattr__(self, "k", self.net.config.k)
         if self.q is not None and not 0.0 < self.q < 1.0:
             raise PolicySpecError(f"{self.name}: q={self.q} must lie in (0, 1) (leave it out for the argmax bin)")
+        if self.cap is not None and not 0.0 < self.cap <= 1.0:
+            raise PolicySpecError(f"{self.name}: cap={self.cap} must lie in (0, 1] (the most image tokens a step keeps, as a fraction)")
+        if self.every is not None and self.every < 1:
+            raise PolicySpecError(f"{self.name}: every={self.every} must be >= 1")
+        if self.every not in (None, 1) and self.arch != "mlp":
+            raise PolicySpecError(f"{self.name}: every={self.every} needs an MLP predictor (a GRU reads every step)")
         check_layer(self.k)
         check_predictor(None, self.net, k=self.k, name=f"predictor {self.predictor or '(given)'}")
         self.net.eval()
@@ -103,6 +115,8 @@ class DyRate(Policy):
     def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
         if probe.step == 0:
             self._check_n_img(probe)
+        elif self.every is not None and probe.step % self.every:
+            return None  # between decisions the kept set holds
         net = self.net
         param = next(net.parameters())
         if param.device != probe.n_img.device:
@@ -115,6 +129,8 @@ class DyRate(Policy):
             cdf = logits.float().softmax(-1).cumsum(-1)  # (B, bins)
             bin_ = (cdf < self.q).sum(-1).clamp(max=self.bins - 1)
         rate = bin_.float() / self.bins  # (B,) i / B
+        if self.cap is not None:  # at least 1 - cap of the image tokens go, whatever the bin
+            rate = rate.clamp(min=1.0 - self.cap)
         state["rate"] = rate  # the chosen rate, for the trace (see rate())
         return keep_counts(rate, probe.n_img)
 
