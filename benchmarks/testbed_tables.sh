@@ -41,15 +41,21 @@ $DY train-predictor $common --arch mlp --target-keep 0.3 --out "$OUT/pred/mlp-30
 $DY train-predictor $common --arch mlp --target-keep 0.2 --out "$OUT/pred/mlp-20.safetensors"
 $DY train-predictor $common --arch gru --history 8 --target-keep 0.3 --out "$OUT/pred/gru-30.safetensors"
 $DY train-predictor $common --arch gru --history 8 --target-keep 0.2 --out "$OUT/pred/gru-20.safetensors"
-oracle="--testbed --samples 384 --max-new-tokens 64 --batch 16 --steps 300 --lr 3e-3 --objective oracle --oracle-kl 0.005 --lambda 0 --hidden-feature --rank prefill"
+oracle="--testbed --samples 384 --max-new-tokens 64 --batch 16 --steps 300 --lr 3e-3 --objective oracle --oracle-kl 0.005 --lambda 0 --features shares,hidden --rank prefill"
 $DY train-predictor $oracle --arch mlp --out "$OUT/pred/mlp-hidden-prefill.safetensors"
 $DY train-predictor $oracle --arch gru --out "$OUT/pred/gru-hidden-prefill.safetensors"
 strict="${oracle/--oracle-kl 0.005/--oracle-kl 0.001}"   # D = 0.001: the setting chosen on validation (dyrate.md)
 $DY train-predictor $strict --arch mlp --out "$OUT/pred/mlp-hidden-prefill-kl0.001.safetensors"
 $DY train-predictor $strict --arch gru --out "$OUT/pred/gru-hidden-prefill-kl0.001.safetensors"
 $DY train-predictor ${oracle/--oracle-kl 0.005/--oracle-kl 0.0003} --arch gru --out "$OUT/pred/gru-hidden-prefill-kl0.0003.safetensors"
-cp "$OUT/pred/mlp-30.safetensors" "$ASSETS/predictors/mlp.safetensors"
-cp "$OUT/pred/gru-30.safetensors" "$ASSETS/predictors/gru.safetensors"
+step "progressive predictors (hidden state + step, prefill ranking, shrinking labels): the defaults of dyrate / dyrate-rnn"
+$PY research/dyrate_oracle_sweep.py --out "$OUT/shrink" --samples 384 --kl 0.001,0.003,0.01 --features hidden+step \
+  --arch mlp,gru --rank prefill --decide shrink --steps 300 --batch 16 --max-new-tokens 64 --threads 2
+# settings chosen on the validation set (docs/dyrate.md, "Progressive eviction without a probe")
+$PY research/ship_predictor.py "$OUT/shrink/mlp-hidden-step-prefill-shrink-kl0.001.safetensors" --q 0.05 --cap 0.5 --every 8 \
+  --out "$ASSETS/predictors/mlp.safetensors"
+$PY research/ship_predictor.py "$OUT/shrink/gru-hidden-step-prefill-shrink-kl0.001.safetensors" --q 0.05 --cap 0.6 \
+  --out "$ASSETS/predictors/gru.safetensors"
 cp "$OUT/pred/mlp-hidden-prefill.safetensors" "$OUT/pred/gru-hidden-prefill.safetensors" \
    "$OUT/pred/gru-hidden-prefill-kl0.001.safetensors" "$ASSETS/predictors/"
 

@@ -4,7 +4,7 @@ The oracle bin of a response step is the most pruning (mask mode, hard bins) who
 to the unpruned model stays <= D (`dyrate.learn.oracle.oracle_from_kls`). Computing the per-bin
 KLs is the expensive part (one teacher-forced pass per bin and sequence), so this script does it
 once and then trains one predictor per (KL threshold D, feature set, arch), each exactly as
-`dyrate train-predictor --objective oracle --oracle-kl D --lambda 0 [--hidden-feature] [--rank R]` would on
+`dyrate train-predictor --objective oracle --oracle-kl D --lambda 0 [--features shares,hidden] [--rank R]` would on
 the same samples. Prints the oracle histogram per D and writes OUT/<arch>-<features>-kl<D>.safetensors
 plus OUT/sweep.json (file names: <arch>-<features>-<rank>-kl<D>; with --decide prefill, one label and
 one rate per prompt: <arch>-<features>-<rank>-once-kl<D>; with --decide shrink: ...-shrink-kl<D>).

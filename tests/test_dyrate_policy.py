@@ -334,3 +334,61 @@ def test_shrink_labels_are_suffix_minima():
     assert shrink.tolist() == [min(per_step[t:].tolist()) for t in range(7)]
     assert all(a <= b for a, b in zip(shrink.tolist(), shrink.tolist()[1:]))  # prunes more as the answer goes on
     assert int(shrink[0]) == int(prompt_oracle_from_kls(kls, 0.02)[0])  # step 0: the per-prompt budget
+
+
+def test_cap_and_every(tiny, images, prompts, tmp_path):
+    """cap=C: no step keeps more than ceil(C * n_img) (a capped run whose predictor asks for bin 0 equals
+    fastv at r = 1 - C); every=N: decisions at the prefill and every N-th decode step only (MLP), and
+    an MLP shrink predictor at every=N equals `progressive` at the rates those steps chose."""
+    from dyrate.policies.dyrate import DyRate
+
+    path = write(forced(tiny[0], "mlp", 0, rank="prefill"), tmp_path / "p0.safetensors")
+    capped = run(tiny, images, prompts, f"dyrate:k={K},predictor={path},cap=0.5", "evict")
+    ref = run(tiny, images, prompts, f"fastv:k={K},r=0.5", "evict")
+    assert [r.token_ids for r in capped] == [r.token_ids for r in ref]
+    assert [[e["kept"] for e in r.trace] for r in capped] == [[e["kept"] for e in r.trace] for r in ref]
+    pred = new_predictor("mlp", k=K, model=tiny[0], features=("hidden", "step"), seed=7, rank="prefill",
+                         decide="shrink")
+    with torch.no_grad():
+        for p in pred.parameters():
+            p.mul_(40.0)
+    spath = write(pred, tmp_path / "s.safetensors")
+    for i in range(3):
+        [res] = run(tiny, images[i:], prompts[i:], f"dyrate:k={K},predictor={spath},every=3", n=1, max_new_tokens=12)
+        decided = [e["step"] for e in res.trace if e["rate"][0] is not None]
+        assert decided == [t for t in range(len(res.trace)) if t % 3 == 0]
+        schedule, rate = {}, -1.0
+        for e in res.trace:
+            if e["rate"][0] is not None and e["rate"][0] > rate + 1e-9:
+                rate = schedule[e["step"]] = round(e["rate"][0], 6)
+        [same] = run(tiny, images[i:], prompts[i:], f"progressive:k={K}," + ",".join(f"{t}={r:g}" for t, r in schedule.items()),
+                     n=1, max_new_tokens=12)
+        assert same.token_ids == res.token_ids and [e["kept"] for e in same.trace] == [e["kept"] for e in res.trace]
+    for bad, match in (("cap=0", "cap="), ("cap=1.5", "cap="), ("every=0", "every=")):
+        with pytest.raises(PolicySpecError, match=match):
+            parse_policy(f"dyrate:predictor={spath},{bad}")
+    gru = write(new_predictor("gru", k=K, model=tiny[0], features=("hidden", "step"), rank="prefill", decide="shrink"),
+                tmp_path / "g.safetensors")
+    with pytest.raises(PolicySpecError, match="every=2 needs an MLP"):
+        parse_policy(f"dyrate-rnn:predictor={gru},every=2")
+    assert isinstance(parse_policy(f"dyrate:predictor={spath},cap=0.5,every=4"), DyRate)
+    assert parse_policy(f"dyrate:predictor={spath},cap=0.5,every=4").spec().endswith(",cap=0.5,every=4")
+
+
+def test_predictor_file_carries_its_policy_settings(tiny, tmp_path):
+    """`defaults` in the file (q, cap, every) apply where the spec is silent; the spec wins; anything
+    else in `defaults` is refused with one line."""
+    import dataclasses
+
+    pred = new_predictor("mlp", k=K, model=tiny[0], features=("hidden", "step"), rank="prefill", decide="shrink")
+    pred.config = dataclasses.replace(pred.config, defaults={"q": 0.05, "cap": 0.5, "every": 8})
+    path = write(pred, tmp_path / "d.safetensors")
+    assert load_predictor(path).config.defaults == {"q": 0.05, "cap": 0.5, "every": 8}
+    policy = parse_policy(f"dyrate:predictor={path}")
+    assert (policy.q, policy.cap, policy.every) == (0.05, 0.5, 8)
+    policy = parse_policy(f"dyrate:predictor={path},q=0.2,every=2")
+    assert (policy.q, policy.cap, policy.every) == (0.2, 0.5, 2)
+    with pytest.raises(PolicySpecError, match="defaults"):
+        dataclasses.replace(pred.config, defaults={"lambda": 1.0})
+    with pytest.raises(PolicySpecError, match="defaults"):
+        dataclasses.replace(pred.config, defaults={"q": "high"})

@@ -77,6 +77,13 @@ def test_shipped_predictors_match_the_model(shipped):
         per_token = parse_policy(f"{name}:predictor={predictor_path(arch, 'hidden-prefill')},q=0.15")
         per_token.check_model(model)
         assert per_token.net.config.features == ("shares", "hidden") and per_token.net.config.rank == "prefill"
+    # the defaults: progressive eviction on hidden state + step, no decode probe, settings in the file
+    mlp, gru = parse_policy("dyrate:k=2"), parse_policy("dyrate-rnn:k=2")
+    for policy in (mlp, gru):
+        c = policy.net.config
+        assert (c.features, c.rank, c.decide) == (("hidden", "step"), "prefill", "shrink")
+        assert policy.decode_decides and not policy.decode_probe
+    assert (mlp.q, mlp.cap, mlp.every) == (0.05, 0.5, 8) and (gru.q, gru.cap, gru.every) == (0.05, 0.6, None)
     strict = parse_policy(f"dyrate-rnn:predictor={predictor_path('gru', 'hidden-prefill-kl0.001')},q=0.15")
     strict.check_model(model)
     assert strict.net.config.features == ("shares", "hidden") and strict.net.config.rank == "prefill"

@@ -5,9 +5,11 @@ Layout, under `dyrate/assets/testbed/`: an ordinary HF checkpoint directory (con
 safetensors, tokenizer, processor, `testbed.json`), `quality.json` (the held-out figures recorded
 in docs/testbed.md, which a test re-checks on a few scenes) and `predictors/` (DyRate rate
 predictors trained for this model: `mlp.safetensors`, `gru.safetensors`, the defaults of `dyrate`
-and `dyrate-rnn`; `mlp-hidden-prefill.safetensors`, `gru-hidden-prefill.safetensors`, the
-per-token variants of docs/dyrate.md, for mask mode with `q=`; `gru-hidden-prefill-kl0.001.safetensors`,
-the per-token GRU with stricter labels chosen on the validation set, e.g. with `q=0.15`).
+and `dyrate-rnn` (progressive eviction: hidden state + step, prefill ranking, shrinking labels, with
+their chosen settings q / cap / every stored in the file); `mlp-hidden-prefill.safetensors`,
+`gru-hidden-prefill.safetensors`, the per-token variants of docs/dyrate.md, for mask mode with `q=`;
+`gru-hidden-prefill-kl0.001.safetensors`, the per-token GRU with stricter labels chosen on the
+validation set, e.g. with `q=0.15`).
 """
 
 from __future__ import annotations

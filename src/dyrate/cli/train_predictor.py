@@ -12,7 +12,9 @@ Examples:
   dyrate train-predictor --model runs/testbed --data runs/testbed-data --arch mlp --target-keep 0.4 --out mlp.safetensors
   dyrate train-predictor --model runs/testbed --testbed --arch mlp --objective ce --lambda 0.1 --out runs/ce.safetensors
   dyrate train-predictor --testbed --arch mlp --objective oracle --oracle-kl 0.05 --lambda 0 --rank prefill
-      --decide prefill --hidden-feature --max-new-tokens 64 --out runs/prompt.safetensors   (one command)
+      --decide prefill --features shares,hidden --max-new-tokens 64 --out runs/prompt.safetensors   (one command)
+  dyrate train-predictor --testbed --arch mlp --objective oracle --oracle-kl 0.001 --lambda 0 --rank prefill
+      --decide shrink --features hidden,step --samples 384 --batch 16 --steps 300 --max-new-tokens 64 --out runs/shrink.safetensors
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+
+def _features(text: str) -> tuple[str, ...]:
+    from ..learn.predictors import FEATURES
+
+    names = tuple(f.strip() for f in text.split(",") if f.strip())
+    if not names or any(n not in FEATURES for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give distinct names from {', '.join(FEATURES)}, comma separated")
+    return names
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bins", type=int_range(2, 1000), default=10, help="number of rate bins B (default 10)")
     p.add_argument("--history", type=int_range(0, 100_000), default=8, help="gru: window of share vectors, 0 = unbounded (default 8)")
     p.add_argument("--hidden", type=int_range(1, 8192), default=32, help="hidden size of the predictor (default 32)")
-    p.add_argument("--step-feature", action="store_true", help="also feed log(1 + decode step) to the predictor")
+    p.add_argument("--features", default="shares", type=_features,
+                   help="comma-separated predictor inputs, in order: shares (the probe's share vector), step "
+                        "(log(1 + decode step)), hidden (the newest token's hidden state after layer K-1, RMS-normalised; "
+                        "our extension: it tells which token comes next). Without shares and with --rank prefill, no probe "
+                        "runs at decode steps (default: shares)")
     p.add_argument("--rank", choices=("step", "prefill"), default="step",
                    help="what ranks the image tokens a bin keeps: each step's probe (default, docs/design.md) or the "
                         "prefill's, as FastV (our extension; stored in the file, used at inference)")
@@ -54,9 +69,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and kept (a learned per-image FastV rate); shrink: a rate at every step for the rest of the "
                         "answer, for evict mode (labels: the most pruning that keeps this and every later step's KL "
                         "<= --oracle-kl). prefill and shrink are our extensions and need --objective oracle --rank prefill")
-    p.add_argument("--hidden-feature", action="store_true",
-                   help="also feed the newest token's hidden state after layer K-1 (RMS-normalised) to the predictor "
-                        "(our extension: it tells which token comes next)")
     p.add_argument("--samples", type=POSITIVE, default=64, help="training sequences (default 64)")
     p.add_argument("--batch", type=POSITIVE, default=4, help="sequences per optimizer step (default 4)")
     p.add_argument("--lr", type=float_range(0, lo_open=True), default=3e-3, help="AdamW learning rate (default 3e-3)")
@@ -78,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from ..testbed.data import predictor_samples
     from .common import load_model, writable_file
 
-    features = ("shares",) + (("step",) if args.step_feature else ()) + (("hidden",) if args.hidden_feature else ())
+    features = args.features
     cfg = TrainConfig(arch=args.arch, k=args.k, bins=args.bins, history=args.history, hidden=args.hidden,
                       features=features, steps=args.steps, batch=args.batch, lr=args.lr, lam=args.lam,
                       target_keep=args.target_keep, budget_weight=args.budget_weight, tau_start=args.tau_start,

@@ -27,8 +27,10 @@ mode: its labels are suffix minima of the per-step oracle bins, so the prefill k
 prompt's budget and the kept set shrinks as the answer proceeds; docs/design.md, "Rates that save").
 
 A predictor file is one safetensors file: the weights, plus a JSON object under the header's
-`dyrate` metadata key (arch, bins, probe layer k, features, history, hidden size and the model
-fingerprint). Loading never unpickles anything.
+`dyrate` metadata key (arch, bins, probe layer k, features, history, hidden size, the model
+fingerprint, and optionally `defaults`: the policy settings chosen for it on validation data, e.g.
+{"q": 0.05, "cap": 0.5, "every": 8}, which `dyrate:predictor=FILE` uses unless the spec sets them).
+Loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ..errors import CheckpointError, PolicySpecError
 
 ARCHS = ("mlp", "gru")
 FEATURES = ("shares", "step", "hidden")
+POLICY_DEFAULTS = ("q", "cap", "every")  # policy parameters a predictor file may carry (PredictorConfig.defaults)
 RANKS = ("step", "prefill")
 DECIDES = ("step", "prefill", "shrink")
 META_KEY = "dyrate"
@@ -108,6 +111,7 @@ class PredictorConfig:
     model_dim: int = 0  # the decoder's hidden size (feature `hidden` only)
     rank: str = "step"  # which probe ranks the image tokens: each step's ("step") or the prefill's ("prefill")
     decide: str = "step"  # a rate at every step ("step"), one per prompt at prefill ("prefill"), or a shrinking one ("shrink")
+    defaults: dict | None = None  # policy settings the file suggests (q, cap, every), used where a spec leaves them out
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -130,6 +134,10 @@ class PredictorConfig:
             raise PolicySpecError(f"predictor rank {self.rank!r} is not one of {', '.join(RANKS)}")
         if self.decide not in DECIDES:
             raise PolicySpecError(f"predictor decide {self.decide!r} is not one of {', '.join(DECIDES)}")
+        if self.defaults is not None:
+            if not isinstance(self.defaults, dict) or set(self.defaults) - set(POLICY_DEFAULTS) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.defaults.values()):
+                raise PolicySpecError(f"predictor defaults {self.defaults!r}: expected numbers for any of {POLICY_DEFAULTS}")
         if self.history < 0 or self.hidden < 1:
             raise PolicySpecError(f"predictor history={self.history}, hidden={self.hidden}: need history >= 0, hidden >= 1")
 

@@ -14,7 +14,8 @@ one rate per prompt at prefill and keeps it: no probe at decode steps, as FastV;
 mode's shrinking kept set needs. Without
 predictor=, the predictor shipped for the built-in testbed model is used (`dyrate.assets`).
 
-The predictor file (see `dyrate.learn.predictors`) is read when the policy is built. Checks: its arch, its
+The predictor file (see `dyrate.learn.predictors`) is read when the policy is built; the settings
+it carries (`defaults`: q, cap, every) apply where the spec leaves them out. Checks: its arch, its
 probe layer K (k= may be left out: the predictor's own K is used), `validate(n_layers)` against the
 decoder depth it was trained for, and the full model fingerprint (decoder shape and image-token
 count) through `check_model`, which the engine calls with the model before generating.
@@ -58,6 +59,9 @@ class DyRate(Policy):
             )
         if self.k is None:
             object.__setattr__(self, "k", self.net.config.k)
+        for key, value in (self.net.config.defaults or {}).items():  # the file's settings, where the spec is silent
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, int(value) if key == "every" else float(value))
         if self.q is not None and not 0.0 < self.q < 1.0:
             raise PolicySpecError(f"{self.name}: q={self.q} must lie in (0, 1) (leave it out for the argmax bin)")
         if self.cap is not None and not 0.0 < self.cap <= 1.0:
