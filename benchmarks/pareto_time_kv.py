@@ -50,22 +50,24 @@ def main() -> None:
             continue
         points.append((row["policy"], row["ms_per_row"] / base["ms_per_row"], row["kv_mean"] / base["kv_mean"],
                        q["min_rel"]))
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), sharey=True)
     colours = {}
     for ax, idx, xlabel in ((axes[0], 1, "wall time per row (x none, measured)"),
                             (axes[1], 2, "mean KV-cache bytes per row (x none)")):
-        for p in points:
+        for n, p in enumerate(points, 1):
             c = colours.setdefault(family(p[0]), f"C{len(colours)}")
-            ax.scatter(p[idx], p[3], color=c, marker="*" if family(p[0]) == "dyrate" else "o", s=90)
-            ax.annotate(label(p[0]), (p[idx], p[3]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(p[idx], p[3], color=c, marker="*" if family(p[0]) == "dyrate" else "o", s=90,
+                       label=f"{n}: {label(p[0])}" if idx == 1 else None)
+            ax.annotate(str(n), (p[idx], p[3]), fontsize=7, xytext=(3, 3 + 7 * (n % 3)), textcoords="offset points")
         ax.axhline(0.99, color="grey", lw=0.8, ls="--")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("min over the six quality figures of (policy / none)")
+    fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle("quality vs measured cost (" + ", ".join(f"{k}={v}" for k, v in timing["conditions"].items()
                                                            if k in ("machine", "threads", "batch", "repeats")) + ")",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out} ({len(points)} policies)")
