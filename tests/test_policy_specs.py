@@ -8,7 +8,7 @@ from dyrate.errors import PolicySpecError
 from dyrate.policies import REGISTRY, parse_policy
 
 SPECS = ["none", "none:k=3", "fastv:k=2,r=0.5", "fixed:k=3,r=0.25", "vtw:k=4", "random:k=2,r=0.75,seed=3",
-         "schedule:2=0.5,4=0.9"]
+         "schedule:2=0.5,4=0.9", "progressive:k=2,0=0.5,8=0.75"]
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -20,7 +20,8 @@ def test_spec_round_trip(spec):
 def test_params_are_the_fields():
     assert REGISTRY["fastv"].params() == ("k", "r")
     assert REGISTRY["random"].params() == ("k", "r", "seed")
-    assert REGISTRY["dyrate"].params() == ("k", "predictor", "q")  # the loaded net is not a parameter
+    assert REGISTRY["dyrate"].params() == ("k", "predictor", "q", "cap", "every")  # the loaded net is not a parameter
+    assert REGISTRY["progressive"].params() is None
     assert REGISTRY["schedule"].params() is None
     assert parse_policy("fastv") == parse_policy("fastv:k=2,r=0.5")  # defaults from the fields
 
