@@ -7,6 +7,9 @@ table.json) against its measured wall time per row and its mean KV bytes per row
 
 Policies are matched by spec string (a predictor path is shortened to its file name in labels).
 The y axis is the smallest ratio over the quality columns (min rel.), the figure the bar reads.
+Several table / timing pairs (e.g. an evict-mode and a mask-mode run) go in one figure: repeat
+--table and --time in the same order; each run's ratios are to its own first policy, and a run
+in another mode than evict labels its policies with the mode.
 """
 
 from __future__ import annotations
@@ -36,20 +39,26 @@ def label(spec: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--table", required=True, help="table.json from benchmarks/testbed_table.py")
-    ap.add_argument("--time", required=True, help="the JSON line of benchmarks/workload_time.py")
+    ap.add_argument("--table", required=True, action="append",
+                    help="table.json from benchmarks/testbed_table.py (repeat, paired in order with --time)")
+    ap.add_argument("--time", required=True, action="append", help="the JSON line of benchmarks/workload_time.py")
     ap.add_argument("--out", required=True, help="PNG to write")
     args = ap.parse_args()
-    quality = {r["policy"]: r for r in json.loads(Path(args.table).read_text())["rows"]}
-    timing = json.loads(Path(args.time).read_text().strip().splitlines()[-1])
-    base = timing["rows"][0]
-    points = []
-    for row in timing["rows"]:
-        q = quality.get(row["policy"])
-        if q is None:
-            continue
-        points.append((row["policy"], row["ms_per_row"] / base["ms_per_row"], row["kv_mean"] / base["kv_mean"],
-                       q["min_rel"]))
+    if len(args.table) != len(args.time):
+        ap.error("give as many --time files as --table files (one timing run per table)")
+    points, seen = [], set()
+    for table, time_file in zip(args.table, args.time):
+        quality = {r["policy"]: r for r in json.loads(Path(table).read_text())["rows"]}
+        timing = json.loads(Path(time_file).read_text().strip().splitlines()[-1])
+        mode = timing["conditions"].get("mode", "evict")
+        base = timing["rows"][0]  # ratios within one timing run, to its first policy
+        for row in timing["rows"]:
+            q = quality.get(row["policy"])
+            name = row["policy"] + (f" ({mode})" if mode != "evict" else "")
+            if q is None or name in seen:
+                continue
+            seen.add(name)
+            points.append((name, row["ms_per_row"] / base["ms_per_row"], row["kv_mean"] / base["kv_mean"], q["min_rel"]))
     fig, axes = plt.subplots(1, 2, figsize=(15, 6.5), sharey=True)
     colours = {}
     for ax, idx, xlabel in ((axes[0], 1, "wall time per row (x none, measured)"),
@@ -65,8 +74,8 @@ def main() -> None:
     axes[0].set_ylabel("min over the six quality figures of (policy / none)")
     fig.legend(loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle("quality vs measured cost (" + ", ".join(f"{k}={v}" for k, v in timing["conditions"].items()
-                                                           if k in ("machine", "threads", "batch", "repeats")) + ")",
-                 fontsize=9)
+                                                           if k in ("machine", "threads", "batch", "repeats"))
+                 + "; ratios to `none` of the same timing run)", fontsize=9)
     fig.tight_layout(rect=(0, 0.2, 1, 1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)

@@ -142,6 +142,39 @@ def test_workload_time_script(tiny_dir, tmp_path):
     assert len(none["times_s"]) == 2 and fastv["kv_mean"] < none["kv_mean"] and fastv["retained"] == pytest.approx(0.25)
 
 
+def test_pareto_time_kv_script(tmp_path):
+    """benchmarks/pareto_time_kv.py pairs quality rows with timing rows by spec (several runs, modes
+    labelled) and draws the figure; mismatched --table / --time counts are refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def table(rows):
+        path = tmp_path / f"t{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps({"rows": [{"policy": p, "min_rel": q} for p, q in rows]}))
+        return str(path)
+
+    def timing(mode, rows):
+        path = tmp_path / f"w{len(list(tmp_path.iterdir()))}.json"
+        path.write_text("progress\n" + json.dumps({"conditions": {"mode": mode, "threads": 2, "batch": 16}, "rows": [
+            {"policy": p, "ms_per_row": ms, "kv_mean": kv} for p, ms, kv in rows]}))
+        return str(path)
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "pareto_time_kv.py"
+    args = ["--table", table([("none", 1.0), ("fastv:k=2,r=0.5", 0.99)]),
+            "--time", timing("evict", [("none", 40.0, 2e6), ("fastv:k=2,r=0.5", 30.0, 1.4e6), ("untabled", 1, 1)]),
+            "--table", table([("none", 1.0), ("dyrate:k=2,predictor=/x/p.safetensors,q=0.1", 0.98)]),
+            "--time", timing("mask", [("none", 44.0, 2e6), ("dyrate:k=2,predictor=/x/p.safetensors,q=0.1", 46.0, 2e6)]),
+            "--out", str(tmp_path / "fig.png")]
+    run = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "(4 policies)" in run.stdout  # none, fastv, none (mask), dyrate (mask); the untabled row is left out
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+    bad = subprocess.run([sys.executable, str(script), *args[:6], "--out", str(tmp_path / "bad.png")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "as many --time" in bad.stderr
+
+
 def test_gpu_script_runs_on_the_cpu_with_a_small_shape(tmp_path):
     """benchmarks/gpu.sh (the GPU engine table) runs end to end on the CPU with overrides, one JSON line
     per (batch, side), dyrate none equal to model.generate (the script checks it)."""
