@@ -107,8 +107,9 @@ def plot_shares(result: dict, path: str | Path, title: str = "") -> None:
 def policy_trace(model, processor, images: Sequence, prompts: Sequence[str], policy: str, mode: str = "evict",
                  max_new_tokens: int = 64, batch_size: int = 8, progress: Callable[[int], None] | None = None) -> dict:
     """Per step (mean over the rows still generating): the share vector of the policy's first
-    stage, its rate and the fraction of image tokens kept after the probe layer; and the first
-    row token by token. Returns {"policy", "mode", "count", "rate", "kept", sys/img/ins/res: [...],
+    stage (NaN at steps where it ran no probe), its rate (the rate in force at steps where it did
+    not decide) and the fraction of image tokens kept after the probe layer; and the first row token
+    by token. Returns {"policy", "mode", "count", "rate", "kept", sys/img/ins/res: [...],
     "example": {"prompt", "tokens", "rate", "img"}, "texts"}."""
     from ..policies import parse_policy
 
@@ -120,6 +121,7 @@ def policy_trace(model, processor, images: Sequence, prompts: Sequence[str], pol
     k = pol.stages[0]
     keys = ("rate", "kept", *GROUPS)
     sums: dict[str, list[float]] = {key: [] for key in keys}
+    counts: dict[str, list[int]] = {key: [] for key in keys}  # shares are missing where no probe ran
     count: list[int] = []
     out: dict = {"policy": pol.spec(), "mode": mode, "texts": []}
     tok = getattr(processor, "tokenizer", processor)
@@ -132,17 +134,23 @@ def policy_trace(model, processor, images: Sequence, prompts: Sequence[str], pol
             rows = []
             for t, step in enumerate(res.trace):
                 shares, rate = step["shares"][0], step["rate"][0]
-                if shares is None or rate is None:
-                    continue
                 n_img = max(step["kept"][0], 1)  # layer 0 sees every image token
-                values = {"rate": rate, "kept": step["kept"][k] / n_img, **shares}
+                kept = step["kept"][k] / n_img
+                if shares is None and rate is None and not pol.decode_decides:
+                    continue  # a step the policy did not look at
+                # a step without a decision runs at the rate in force (what it keeps); no probe: no shares
+                values = {"rate": rate if rate is not None else 1.0 - kept, "kept": kept,
+                          **(shares or {g: float("nan") for g in GROUPS})}
                 while len(count) <= t:
                     count.append(0)
                     for key in keys:
                         sums[key].append(0.0)
+                        counts[key].append(0)
                 count[t] += 1
                 for key in keys:
-                    sums[key][t] += values[key]
+                    if not math.isnan(values[key]):
+                        sums[key][t] += values[key]
+                        counts[key][t] += 1
                 rows.append((t, values))
             if "example" not in out:
                 ids = res.token_ids
@@ -156,7 +164,7 @@ def policy_trace(model, processor, images: Sequence, prompts: Sequence[str], pol
             progress(len(results))
     out["count"] = count
     for key in keys:
-        out[key] = [v / c if c else float("nan") for v, c in zip(sums[key], count)]
+        out[key] = [v / c if c else float("nan") for v, c in zip(sums[key], counts[key])]
     return out
 
 
