@@ -62,3 +62,16 @@ def test_cli_bad_spec_exits_2(capsys):
     rc = main(["flops", "--config", "llava-1.5-7b", "--text-tokens", "64", "--policy", "progressive:k=2,0=0.5,4=0.25"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "must not decrease" in err[0]
+
+
+def test_analyze_traces_a_policy_without_a_decode_probe(tiny, images, prompts):
+    """`dyrate analyze --policy`: every step counts, at the rate in force; shares only where probed."""
+    import math
+
+    from dyrate.evaluation.analyze import policy_trace
+
+    model, processor = tiny
+    out = policy_trace(model, processor, images[:2], prompts[:2], "progressive:k=2,0=0.25,3=0.5", max_new_tokens=6)
+    assert out["count"][0] == 2 and len(out["count"]) >= 4
+    assert out["rate"][:4] == pytest.approx([0.25, 0.25, 0.25, 0.5])
+    assert not math.isnan(out["img"][0]) and all(math.isnan(v) for v in out["img"][1:])
