@@ -109,6 +109,7 @@ def cases(tiny_dir: Path, r: Path) -> list[tuple[str, list[str], str]]:
         ("train-predictor", [*train, "--lr", NAN, *tout], "--lr: must be a finite number"),
         ("train-predictor", [*train, "--budget-weight", NAN, *tout], "--budget-weight: must be a finite"),
         ("train-predictor", [*train, "--bins", "10000000", *tout], "--bins: must be in"),
+        ("train-predictor", [*train, "--features", "shares,colour", *tout], "give distinct names from shares, step, hidden"),
         ("train-predictor", [*train, "--out", str(r / "dir.safetensors")], "is a directory"),
         ("train-predictor", [*train, "--out", str(r / "file" / "p.safetensors")], "is a file, not a folder"),
         ("demo", ["demo", *model, "--out", str(r / "file")], "is a file, not a folder"),
