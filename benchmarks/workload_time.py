@@ -2,7 +2,8 @@
 the way a user runs them), side by side: in each repeat every policy runs the whole workload, in an
 order that rotates from repeat to repeat (so drift in the machine's speed hits every policy alike);
 the figure is the median over repeats of the workload's time divided by its rows, and the ratio
-to the first policy's. Also the mean and peak KV-cache bytes per row (dyrate.generate's kv_bytes).
+to the first policy's; beside it the paired ratios (per repeat, the time over the first policy's
+in the same repeat: median, min and max). Also the mean and peak KV-cache bytes per row (dyrate.generate's kv_bytes).
 The last line of the output is one JSON object.
 
     python benchmarks/workload_time.py --data runs/heldout300 --captions 64 --questions 64 --repeats 5 \\
@@ -54,6 +55,13 @@ def run_policy(model, processor, work, policy: str, mode: str, batch: int) -> tu
     return time.perf_counter() - start, results
 
 
+def paired_ratios(times: list[float], ref: list[float]) -> list[float]:
+    """Per repeat, a policy's time over the reference's in the same repeat: every policy runs once
+    per repeat, so the machine's slow drift cancels within a pair (the median of these is less
+    noisy than the ratio of medians)."""
+    return [t / r for t, r in zip(times, ref)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint directory [the shipped testbed model]")
@@ -88,13 +96,17 @@ def main() -> None:
                 retained[spec] = statistics.mean(x.retained for x in results)
     ref = statistics.median(times[specs[0]])
     rows = []
-    print(f"| policy | ms / row (median of {args.repeats}) | x {specs[0]} | KV MiB mean / peak | x KV mean | retained % |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| policy | ms / row (median of {args.repeats}) | x {specs[0]} | paired x {specs[0]}: median [min, max] "
+          f"| KV MiB mean / peak | x KV mean | retained % |")
+    print("|---|---:|---:|---|---:|---:|---:|")
     for spec in specs:
         med = statistics.median(times[spec])
+        paired = paired_ratios(times[spec], times[specs[0]])
         rows.append({"policy": spec, "ms_per_row": 1000 * med / n_rows, "time_ratio": med / ref,
-                     "times_s": times[spec], **{f"kv_{k}": v for k, v in kv[spec].items()}, "retained": retained[spec]})
-        print(f"| `{spec}` | {1000 * med / n_rows:.1f} | {med / ref:.3f} | {kv[spec]['mean'] / 2**20:.3f} / "
+                     "paired_ratios": paired, "times_s": times[spec], **{f"kv_{k}": v for k, v in kv[spec].items()},
+                     "retained": retained[spec]})
+        print(f"| `{spec}` | {1000 * med / n_rows:.1f} | {med / ref:.3f} | {statistics.median(paired):.3f} "
+              f"[{min(paired):.3f}, {max(paired):.3f}] | {kv[spec]['mean'] / 2**20:.3f} / "
               f"{kv[spec]['peak'] / 2**20:.3f} | {kv[spec]['mean'] / kv[specs[0]]['mean']:.3f} | "
               f"{100 * retained[spec]:.1f} |")
     cond = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),

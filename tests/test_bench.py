@@ -140,6 +140,8 @@ def test_workload_time_script(tiny_dir, tmp_path):
     none, fastv = result["rows"]
     assert result["conditions"]["rows"] == {"caption": 2, "vqa": 2, "pope": 2} and none["time_ratio"] == 1.0
     assert len(none["times_s"]) == 2 and fastv["kv_mean"] < none["kv_mean"] and fastv["retained"] == pytest.approx(0.25)
+    assert none["paired_ratios"] == [1.0, 1.0]
+    assert fastv["paired_ratios"] == pytest.approx([a / b for a, b in zip(fastv["times_s"], none["times_s"])])
 
 
 def test_pareto_time_kv_script(tmp_path):
