@@ -87,6 +87,17 @@ class Reduction:
     anchors: torch.Tensor
 
 
+def check_rate_pairs(name: str, pairs, key: str, along: str) -> None:
+    """A schedule's (key, rate) pairs: keys distinct and ascending, rates in [0, 1) and never
+    decreasing (kept sets only shrink). `key` names the keys (layer, step), `along` the direction."""
+    keys = [k for k, _ in pairs]
+    rates = [check_rate(r, f"rate of {key} {k}") for k, r in pairs]
+    if keys != sorted(set(keys)):
+        raise PolicySpecError(f"{name}: {key}s {keys} must be distinct and ascending")
+    if rates != sorted(rates):
+        raise PolicySpecError(f"{name}: rates {rates} must not decrease {along}")
+
+
 def prefill_ranking(probe: Probe, state: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, S) scores for a policy that ranks by the prefill's probe at every step (FastV's ranking,
     kept): stored at step 0, handed back later. The slots the prefill probe saw keep their indices

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import PolicySpecError
 from ..rates import keep_count, keep_counts
-from .base import Policy, Probe, check_layer, check_rate, prefill_ranking
+from .base import Policy, Probe, check_layer, check_rate_pairs, prefill_ranking
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,7 @@ class Progressive(Policy):
         check_layer(self.k)
         if not self.steps or self.steps[0][0] != 0:
             raise PolicySpecError("progressive: give the prefill's rate as 0=R (then STEP=RATE pairs)")
-        at = [t for t, _ in self.steps]
-        rates = [check_rate(r, f"rate from step {t}") for t, r in self.steps]
-        if at != sorted(set(at)):
-            raise PolicySpecError(f"progressive: steps {at} must be distinct and ascending")
-        if rates != sorted(rates):
-            raise PolicySpecError(f"progressive: rates {rates} must not decrease over the steps (the kept set only shrinks)")
+        check_rate_pairs("progressive", self.steps, "step", "over the steps (the kept set only shrinks)")
 
     @property
     def stages(self) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import PolicySpecError
 from ..rates import keep_count, keep_counts
-from .base import Policy, Probe, check_layer, check_rate
+from .base import Policy, Probe, check_layer, check_rate_pairs
 
 
 @dataclass(frozen=True)
@@ -24,12 +24,9 @@ class DepthSchedule(Policy):
     def __post_init__(self):
         if not self.steps:
             raise PolicySpecError("schedule: give at least one LAYER=RATE stage")
-        layers = [check_layer(k, "layer") for k, _ in self.steps]
-        rates = [check_rate(r, f"rate of layer {k}") for k, r in self.steps]
-        if layers != sorted(set(layers)):
-            raise PolicySpecError(f"schedule: layers {layers} must be distinct and ascending")
-        if rates != sorted(rates):
-            raise PolicySpecError(f"schedule: rates {rates} must not decrease with depth")
+        for k, _ in self.steps:
+            check_layer(k, "layer")
+        check_rate_pairs("schedule", self.steps, "layer", "with depth")
 
     @property
     def stages(self) -> tuple[int, ...]:
