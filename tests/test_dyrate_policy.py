@@ -38,6 +38,16 @@ def write(pred, path):
     return str(save_predictor(pred, path))
 
 
+def as_progressive(trace) -> str:
+    """The `progressive` spec of the rates a one-row evict run effectively ran at: at each step that
+    decided, the largest rate so far (its kept set only shrinks)."""
+    schedule, rate = {}, -1.0
+    for e in trace:
+        if e["rate"][0] is not None and e["rate"][0] > rate + 1e-9:
+            rate = schedule[e["step"]] = round(e["rate"][0], 6)
+    return f"progressive:k={K}," + ",".join(f"{t}={r:g}" for t, r in schedule.items())
+
+
 def run(tiny, images, prompts, policy, mode="evict", n=3, **kw):
     model, processor = tiny
     return dyrate.generate(model, processor, images[:n], prompts[:n], policy=policy, mode=mode,
@@ -312,12 +322,7 @@ def test_decide_shrink_decides_every_step_and_only_shrinks_in_evict(tiny, images
         [alone] = run(tiny, images[i:], prompts[i:], policy, "evict", n=1, max_new_tokens=12)
         assert alone.token_ids == res.token_ids
         assert all((e["shares"][0] is None) == (not probed and e["step"] > 0) for e in res.trace)
-        schedule, rate = {}, -1.0
-        for t, e in enumerate(res.trace):  # the rate each step effectively ran at: the largest so far
-            if e["rate"][0] > rate + 1e-9:
-                rate = schedule[t] = round(e["rate"][0], 6)
-        spec = f"progressive:k={K}," + ",".join(f"{t}={r:g}" for t, r in schedule.items())
-        [same] = run(tiny, images[i:], prompts[i:], spec, "evict", n=1, max_new_tokens=12)
+        [same] = run(tiny, images[i:], prompts[i:], as_progressive(res.trace), "evict", n=1, max_new_tokens=12)
         assert same.token_ids == res.token_ids
         assert [e["kept"] for e in same.trace] == [e["kept"] for e in res.trace]
     assert asked_varies and regrowth_refused  # the test predictor is not constant, and asked to grow back once
@@ -357,12 +362,7 @@ def test_cap_and_every(tiny, images, prompts, tmp_path):
         [res] = run(tiny, images[i:], prompts[i:], f"dyrate:k={K},predictor={spath},every=3", n=1, max_new_tokens=12)
         decided = [e["step"] for e in res.trace if e["rate"][0] is not None]
         assert decided == [t for t in range(len(res.trace)) if t % 3 == 0]
-        schedule, rate = {}, -1.0
-        for e in res.trace:
-            if e["rate"][0] is not None and e["rate"][0] > rate + 1e-9:
-                rate = schedule[e["step"]] = round(e["rate"][0], 6)
-        [same] = run(tiny, images[i:], prompts[i:], f"progressive:k={K}," + ",".join(f"{t}={r:g}" for t, r in schedule.items()),
-                     n=1, max_new_tokens=12)
+        [same] = run(tiny, images[i:], prompts[i:], as_progressive(res.trace), n=1, max_new_tokens=12)
         assert same.token_ids == res.token_ids and [e["kept"] for e in same.trace] == [e["kept"] for e in res.trace]
     for bad, match in (("cap=0", "cap="), ("cap=1.5", "cap="), ("every=0", "every=")):
         with pytest.raises(PolicySpecError, match=match):

@@ -88,6 +88,7 @@ class Engine:
         policy.check_model(adapter.model)
         self.adapter, self.policy, self.mode = adapter, policy, mode
         self.stages = policy.stages  # first layer of each pruning stage
+        self.decides_at_decode = policy.decode_decides  # asked at decode steps without a probe (fixed per policy)
         bounds = [0, *self.stages, adapter.n_layers]
         self.bounds = list(zip(bounds[:-1], bounds[1:]))  # (start, end) of each segment
 
@@ -149,7 +150,7 @@ class Engine:
         pos_emb = a.rotary(hidden, position_ids)
         row = None
         for s, seg in enumerate(state.segments):
-            if row is not None or (s > 0 and self.policy.decode_decides):  # stage s may change its kept set
+            if row is not None or (s > 0 and self.decides_at_decode):  # stage s may change its kept set
                 self._decide(state, s, row, hidden[:, -1], record)
             seg.append(new_col)
             hidden, row = self._run_layers(state, seg, hidden, q=1, record=record, s=s, pos=(position_ids, pos_emb))
