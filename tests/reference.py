@@ -49,8 +49,9 @@ def policy_rule(spec: str):
     raise ValueError(spec)
 
 
-def _layer(layer, h, positions, rotary, mask, probe_out=None):
-    """One Llama decoder layer, eager. h: (T, d); mask: (T, T) bool (True = attend)."""
+def _layer(layer, h, positions, rotary, mask, probe_out=None, probs_out=None):
+    """One Llama decoder layer, eager. h: (T, d); mask: (T, T) bool (True = attend). probe_out gets
+    the newest query's head-averaged row (T,), probs_out every query's probabilities (H, T, T)."""
     attn = layer.self_attn
     n_t = h.shape[0]
     x = layer.input_layernorm(h)
@@ -68,6 +69,8 @@ def _layer(layer, h, positions, rotary, mask, probe_out=None):
     p = scores.float().softmax(-1)
     if probe_out is not None:
         probe_out.append(p[:, -1, :].mean(0))  # newest query, head-averaged (T,)
+    if probs_out is not None:
+        probs_out.append(p)
     o = (p.to(v.dtype) @ v).transpose(0, 1).reshape(n_t, -1)
     h = h + attn.o_proj(o)
     return h + layer.mlp(layer.post_attention_layernorm(h))

@@ -271,17 +271,31 @@ def test_train_predictor_for_the_family(family, tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["evict", "mask"])
 def test_every_policy_runs(family, pictures, mode):
-    """none, fastv, vtw, fixed, schedule, random, DART and DivPrune on every family: each keeps what its
-    rule says."""
+    """none, fastv, vtw, fixed, schedule, random, DART, DivPrune and SparseVLM on every family: each keeps
+    what its rule says."""
     _, _, model, processor, _ = family
     specs = {"none": 1.0, "fastv:k=2,r=0.5": 0.5, "vtw:k=2": 0.0, "fixed:k=2,r=0.75": 0.25,
              "schedule:1=0.5,3=0.9": None, "random:k=2,r=0.5": 0.5,
-             "dart:k=2,r=0.5,pivots_image=1,pivots_text=1": None, "divprune:r=0.5": 0.5}
+             "dart:k=2,r=0.5,pivots_image=1,pivots_text=1": None, "divprune:r=0.5": 0.5,
+             "sparsevlm:1=0.5,3=0.75": None}
     for spec, kept in specs.items():
         [res] = dyrate.generate(model, processor, pictures[2:], PROMPTS[2:], policy=spec, mode=mode, max_new_tokens=3)
         assert len(res.token_ids) >= 1
         if kept is not None:
             assert res.retained == pytest.approx(kept, abs=0.13), spec  # ceil of a few image tokens
+
+
+def test_sparsevlm_rows_equal_rows_alone(family, pictures):
+    """SparseVLM reads only the decoder: on every family, batch rows with different image-token
+    counts equal rows alone, and each row keeps its static count."""
+    _, _, model, processor, _ = family
+    spec = "sparsevlm:1=0.5,3=0.75,recycle=0.5,per_cluster=2"
+    together = dyrate.generate(model, processor, pictures, PROMPTS, policy=spec, max_new_tokens=5)
+    for i in range(3):
+        alone = dyrate.generate(model, processor, pictures[i:i + 1], PROMPTS[i:i + 1], policy=spec, max_new_tokens=5)[0]
+        assert together[i].token_ids == alone.token_ids
+        n = alone.trace[0]["kept"][0]
+        assert alone.trace[0]["kept"] == parse_policy(spec).static_image_tokens(n, len(alone.trace[0]["kept"]))
 
 
 # ---------------------------------------------------------------- pre-LLM methods on every family

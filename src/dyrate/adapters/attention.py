@@ -1,7 +1,8 @@
 """The one attention function dyrate installs in the language decoder.
 
 It is SDPA (transformers' own `sdpa_attention_forward`) plus, only when the engine passes a
-`ProbeRequest` for the probe layer, the head-averaged attention row of the newest query. Every
+`ProbeRequest` for the probe layer, the head-averaged attention row of the newest query (and, at
+prefill, for a policy that rates image tokens by chosen text queries, their weighted rows). Every
 other layer and every call without a request is plain SDPA, so `model.generate` on a model with
 this function installed behaves exactly as with "sdpa". It is registered under `ATTN_NAME` through
 transformers' public `AttentionInterface` / `AttentionMaskInterface` (no library class is patched).
@@ -22,9 +23,13 @@ ATTN_NAME = "dyrate_sdpa"
 @dataclass
 class ProbeRequest:
     """Filled by the attention function of the probe layer: `row` is (B, n_keys) float32, the
-    attention probabilities of each row's newest query over that layer's keys, averaged over heads."""
+    attention probabilities of each row's newest query over that layer's keys, averaged over heads.
+    With `weights` (B, q) (prefill only; each row's weights over its queries), `rated` is also
+    filled: (B, n_keys) float32, the weighted sum over queries of their head-averaged rows."""
 
     row: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    rated: torch.Tensor | None = None
 
 
 def _scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
@@ -48,12 +53,35 @@ def probe_row(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
     return _scores(query, key, mask, scaling).flatten(1, 2).mean(dim=1)
 
 
+def rated_row(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+              weights: torch.Tensor) -> torch.Tensor:
+    """sum_i weights[b, i] * (head-averaged attention row of query i): (B, n) float32. Prefill only
+    (q == n, the causal mask is applied when `mask` is None). Only the queries from the first one
+    any row weighs are scored. query: (B, H, q, D); key: (B, Hkv, n, D); weights: (B, q)."""
+    b, h, q_len, d = query.shape
+    h_kv, n = key.shape[1], key.shape[2]
+    used = (weights != 0).any(0).nonzero()
+    first = int(used[0]) if len(used) else q_len
+    qs = query[:, :, first:, :].reshape(b, h_kv, h // h_kv, q_len - first, d)  # (B, Hkv, rep, q', D)
+    scores = torch.matmul(qs, key[:, :, None].transpose(-1, -2)).float().mul_(scaling)  # (B, Hkv, rep, q', n)
+    if mask is None:  # causal: query i (column first + i of n) sees keys <= its own column
+        rows = torch.arange(first, q_len, device=query.device)[:, None] + (n - q_len)
+        allowed = torch.arange(n, device=query.device)[None, :] <= rows  # (q', n)
+        scores.masked_fill_(~allowed, float("-inf"))
+    else:
+        scores.masked_fill_(~mask[:, :, None, first:, :], float("-inf"))  # (B, 1, 1, q', n)
+    p = scores.softmax(dim=-1).flatten(1, 2).mean(dim=1)  # (B, q', n), head-averaged
+    return torch.einsum("bqn,bq->bn", p, weights[:, first:].float())
+
+
 def dyrate_attention(module, query, key, value, attention_mask, scaling=None, probe: ProbeRequest | None = None, **kwargs):
     if probe is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if query.shape[2] > 1:  # prefill: SDPA for the layer, plus the one probe row
         probe.row = probe_row(query, key, attention_mask, scale)
+        if probe.weights is not None:
+            probe.rated = rated_row(query, key, attention_mask, scale, probe.weights)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     # Decode (one query): the probabilities the probe needs are the layer's own, so compute the
     # attention once from them instead of reading the keys twice.

@@ -54,6 +54,7 @@ class DecodeState:
     n_prompt: int = 0  # prompt columns (after any pre-LLM reduction)
     image_of: torch.Tensor | None = None  # (B, P) long: which image of its row a prompt column belongs to, -1 if none
     n_images: int = 1  # the most images any row holds
+    raters: torch.Tensor | None = None  # (B, P) float, prefill only: weights of rating queries (Policy.raters)
     step: int = 0
     records: list[dict] = field(default_factory=list)  # one per forward pass (Engine._new_record)
 
@@ -121,16 +122,19 @@ class Engine:
             image_of=_image_ordinals(group, counts),
         )
         state.n_images = max(int(state.image_of.max()) + 1, 1)
+        if self.policy.text_raters:
+            state.raters = self.policy.raters(hidden, group)  # (B, P), from the decoder's input embeddings
         col = torch.arange(p, device=device).expand(b, p)
         seg = Segment(0, self.bounds[0][1], col, valid, valid)
         self._recount(state, seg)
         record = self._new_record(b, device, state.n_images)
-        row = None  # the probe row of the segment before (set by _run_layers)
+        probed = None  # the probe of the segment before (set by _run_layers)
         for s, (start, end) in enumerate(self.bounds):
             if s > 0:
-                seg, hidden = self._next_segment_prefill(state, seg, hidden, row, s, record, start, end)
+                seg, hidden = self._next_segment_prefill(state, seg, hidden, probed, s, record, start, end)
             state.segments.append(seg)
-            hidden, row = self._run_layers(state, seg, hidden, q=hidden.shape[1], record=record, s=s)
+            hidden, probed = self._run_layers(state, seg, hidden, q=hidden.shape[1], record=record, s=s)
+        state.raters = None
         state.records.append(record)
         logits = a.logits(hidden[:, -1:, :])[:, -1, :]  # (B, V)
         return logits, state
@@ -148,12 +152,12 @@ class Engine:
         record = self._new_record(b, tokens.device, state.n_images)
         position_ids = state.pos[..., -1:]  # (A, B, 1): the new token, the same in every segment
         pos_emb = a.rotary(hidden, position_ids)
-        row = None
+        probed = None
         for s, seg in enumerate(state.segments):
-            if row is not None or (s > 0 and self.decides_at_decode):  # stage s may change its kept set
-                self._decide(state, s, row, hidden[:, -1], record)
+            if probed is not None or (s > 0 and self.decides_at_decode):  # stage s may change its kept set
+                self._decide(state, s, probed.row if probed is not None else None, hidden[:, -1], record)
             seg.append(new_col)
-            hidden, row = self._run_layers(state, seg, hidden, q=1, record=record, s=s, pos=(position_ids, pos_emb))
+            hidden, probed = self._run_layers(state, seg, hidden, q=1, record=record, s=s, pos=(position_ids, pos_emb))
         state.records.append(record)
         return a.logits(hidden)[:, -1, :]
 
@@ -180,7 +184,8 @@ class Engine:
 
     def _run_layers(self, state: DecodeState, seg: Segment, hidden: torch.Tensor, q: int, record, s: int, pos=None):
         """Run the layers of `seg` on its last q slots. Returns the hidden states (B, q, d) and, if the
-        next stage needs it this step, the probe row of the segment's last layer (B, S) (else None).
+        next stage needs it this step, the filled ProbeRequest of the segment's last layer (its `row`
+        (B, S); else None).
         pos: (position ids, rotary embeddings) of the queries, when the caller has them."""
         a = self.adapter
         if pos is None:
@@ -190,6 +195,8 @@ class Engine:
         position_ids, pos_emb = pos
         mask = None if seg.dense else self._mask(seg, q)
         request = ProbeRequest() if self._wants_probe(state, s) else None
+        if request is not None and state.raters is not None:  # prefill: the policy's rating queries
+            request.weights = state.raters.gather(1, seg.col).masked_fill(~seg.valid, 0.0)  # (B, S)
         for layer in range(seg.start, seg.end):
             extra = {"probe": request} if request is not None and layer == seg.end - 1 else {}
             hidden = a.layers[layer](
@@ -200,7 +207,7 @@ class Engine:
         record["keys"].append(seg.n_keys)
         record["img"].append(seg.n_img)
         record["stored"].append(seg.n_stored)
-        return hidden, (request.row if request is not None else None)
+        return hidden, request
 
     @staticmethod
     def _mask(seg: Segment, q: int) -> torch.Tensor:
@@ -222,12 +229,14 @@ class Engine:
         return bitmap[:, :c] | (state.group != IMG)
 
     def _select(self, state: DecodeState, s: int, row: torch.Tensor, hidden: torch.Tensor, record,
-                current: Segment | None, slots: torch.Tensor | None = None):
+                current: Segment | None, slots: torch.Tensor | None = None, rated: torch.Tensor | None = None):
         """Ask the policy for stage s (segment s). `row` (B, S_prev) is the probe over the slots of
         segment s-1 (None at the decode steps of a policy that decides without a probe: no shares,
         no attention scores) and `hidden` (B, d) the newest query's state after it; `current` is segment s
-        as it stands (None at prefill). Returns a (B, C) bitmap of
-        the columns stage s keeps, or None when the policy leaves the kept set as it is.
+        as it stands (None at prefill); `slots` (B, S_prev, d) the prefill's states after segment
+        s-1 and `rated` (B, S_prev) the raters' attention (Policy.text_raters). Returns a (B, C) bitmap
+        of the columns stage s keeps, or None when the policy leaves the kept set as it is, and the
+        Probe the policy saw.
 
         This runs every decode step of a probing policy, so the cheap part (shares, counts, the
         policy's target) comes first and the ranking only when some row must give tokens up."""
@@ -247,19 +256,22 @@ class Engine:
         evict_now = self.mode == "evict" and current is not None
         kept = current.n_img if evict_now else prev.n_img  # (B,)
         probe = Probe(shares=shares, img_scores=None, n_img=state.n_img, kept=kept, step=state.step, hidden=hidden)
+        cand = (prev.groups == IMG) & prev.attend  # (B, S_prev)
         if slots is not None and self.policy.needs_slots:  # slots: (B, S_prev, d), the prefill's states
             keys = state.cache.layers[self.stages[s - 1] - 1].keys  # (B, Hkv, S_prev, D)
             probe.slot_states = self.adapter.final_norm(slots)
             probe.slot_keys = keys.transpose(1, 2).flatten(2)  # (B, S_prev, Hkv * D)
             probe.slot_groups = prev.groups
+            probe.slot_hidden = slots
+            probe.candidates = cand
+            probe.rated = rated.masked_fill(~cand, 0.0) if rated is not None else None
         target = self.policy.keep(s - 1, probe, state.policy_state)
         if target is None:
-            return None
+            return None, probe
         k = torch.minimum(target.to(device), kept).clamp_(min=0)  # (B,)
         record["rate"][:, s - 1] = self.policy.rate(s - 1, probe, k, state.policy_state)
         if evict_now and torch.equal(k, kept):
-            return None  # every row keeps all it still has: nothing to rank or evict
-        cand = (prev.groups == IMG) & prev.attend  # (B, S_prev)
+            return None, probe  # every row keeps all it still has: nothing to rank or evict
         if evict_now:
             cand &= self._kept_bitmap(state, current).gather(1, prev.col)
         probe.img_scores = (row if row is not None else cand.float()).masked_fill(~cand, 0.0)
@@ -272,7 +284,7 @@ class Engine:
         c = state.n_cols
         bitmap = torch.zeros(b, c + 1, dtype=torch.bool, device=device)
         bitmap.scatter_(1, torch.where(chosen, prev.col, c), True)
-        return bitmap[:, :c] | (state.group != IMG)
+        return bitmap[:, :c] | (state.group != IMG), probe
 
     def _recount(self, state: DecodeState, seg: Segment) -> Segment:
         """Refresh a segment's slot groups and key counts after its slots or mask changed (not on
@@ -284,11 +296,17 @@ class Engine:
         seg.n_stored = seg.valid.sum(1)
         return seg
 
-    def _next_segment_prefill(self, state, prev: Segment, hidden, row, s, record, start, end):
+    def _next_segment_prefill(self, state, prev: Segment, hidden, probed, s, record, start, end):
         """Build segment s from segment s-1 between layers K_s - 1 and K_s of the prefill; in evict
-        mode the pruned image tokens leave the hidden states here."""
-        bitmap = self._select(state, s, row, hidden[:, -1], record, current=None, slots=hidden)  # -1: the last prompt token
+        mode the pruned image tokens leave the hidden states here, and a merging policy's merged
+        states replace those of the slots that carry them."""
+        bitmap, probe = self._select(state, s, probed.row, hidden[:, -1], record, current=None, slots=hidden,
+                                     rated=probed.rated)  # -1: the last prompt token
         keep = prev.attend if bitmap is None else prev.attend & bitmap.gather(1, prev.col)  # (B, S_prev)
+        merged = self.policy.merged_states(s - 1, probe, state.policy_state) if self.policy.merges else None
+        if merged is not None:
+            replace, states = merged  # (B, S_prev) bool, (B, S_prev, d)
+            hidden = torch.where((replace & keep)[:, :, None], states.to(hidden.dtype), hidden)
         if self.mode == "mask":
             seg = Segment(start, end, prev.col, prev.valid, keep)
             return self._recount(state, seg), hidden
@@ -300,7 +318,7 @@ class Engine:
     def _decide(self, state: DecodeState, s: int, row: torch.Tensor, hidden: torch.Tensor, record) -> None:
         """A decode-step decision for stage s: shrink (evict) or re-mask (mask) segments s, s+1, ...
         hidden: (B, d) the new token's state after segment s-1."""
-        bitmap = self._select(state, s, row, hidden, record, current=state.segments[s])
+        bitmap, _ = self._select(state, s, row, hidden, record, current=state.segments[s])
         if bitmap is None:
             return
         for t in range(s, len(state.segments)):

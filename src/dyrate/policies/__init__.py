@@ -16,6 +16,7 @@ from .progressive import Progressive
 from .prumerge import PruMerge, PruMergePlus
 from .random_rank import RandomPruning
 from .schedule import DepthSchedule
+from .sparsevlm import SparseVLM
 from .visionzip import VisionZip
 from .vtw import VTW
 
@@ -31,6 +32,7 @@ REGISTRY: dict[str, type[Policy]] = {
     "dyrate": DyRate,
     "dyrate-rnn": DyRateRNN,
     "dart": DART,
+    "sparsevlm": SparseVLM,
     # pre-LLM: each image's tokens are reduced before the decoder (engine/prellm.py)
     "divprune": DivPrune,
     "visionzip": VisionZip,

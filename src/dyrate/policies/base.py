@@ -62,6 +62,8 @@ class Probe:
     hidden: (B, d) the newest query's hidden state after the probe layer K-1 (the input of layer K).
     slot_*: at prefill, for a policy that sets `needs_slots`, the states, keys and groups of every
             slot the probe layer holds (slot j of a row is its j-th column, left padding first).
+    rated: at prefill, for a policy with `text_raters`, the probe layer's attention of the rating
+            text queries (the policy's `raters` weights) over its slots (B, S), head-averaged.
     """
 
     shares: torch.Tensor
@@ -74,6 +76,9 @@ class Probe:
     slot_states: torch.Tensor | None = None  # (B, S, d) hidden states after layer K-1, final norm applied
     slot_keys: torch.Tensor | None = None  # (B, S, Hkv * D) layer K-1's keys (after RoPE, as cached)
     slot_groups: torch.Tensor | None = None  # (B, S) long group of each slot (PAD for padding)
+    slot_hidden: torch.Tensor | None = None  # (B, S, d) hidden states after layer K-1 (no norm)
+    candidates: torch.Tensor | None = None  # (B, S) bool: the image slots this stage may keep
+    rated: torch.Tensor | None = None  # (B, S) float32, the raters' attention (policies with `text_raters`)
 
 
 @dataclass
@@ -121,8 +126,12 @@ class Policy(abc.ABC):
     decode_decides: bool = False
     #: True for a pre-LLM policy (`PreLLMPolicy`): `reduce` acts on each image before the decoder
     pre_llm: bool = False
-    #: True when the prefill decision needs every slot's state and key (Probe.slot_*)
+    #: True when the prefill decision needs every slot's state and key (Probe.slot_*, candidates)
     needs_slots: bool = False
+    #: True when the prefill probe also weighs chosen text queries (`raters`; Probe.rated)
+    text_raters: bool = False
+    #: True when a prefill decision also replaces some kept slots' states (`merged_states`)
+    merges: bool = False
 
     @property
     def stages(self) -> tuple[int, ...]:
@@ -157,6 +166,16 @@ class Policy(abc.ABC):
         """The reduction rate behind this step's decision (B,), for the trace. Default: 1 - keep / n_img.
         A policy that chose a rate itself can leave it in `state` during `keep` and return it here."""
         return 1.0 - keep / probe.n_img.clamp(min=1)  # true division: float
+
+    def raters(self, embeds: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """For `text_raters`: (B, P) float weights of the prompt's columns as rating queries, from the
+        decoder's input embeddings (B, P, d) and groups (B, P). Called once per prefill."""
+        raise NotImplementedError
+
+    def merged_states(self, stage: int, probe: Probe, state: dict[str, torch.Tensor]):
+        """For `merges`, after a prefill decision: None, or (replace (B, S) bool, states (B, S, d)):
+        the kept slots whose hidden state (the input of layer K) becomes `states` there."""
+        return None
 
     def static_image_tokens(self, n_img: int, n_layers: int) -> list[int] | None:
         """Image tokens seen by each decoder layer, if that does not depend on the data (for FLOPs
