@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True,
                    help="question or instruction; with one image placeholder per image it is used verbatim")
     p.add_argument("--policy", default="none", help="pruning policy spec, e.g. none, fastv:k=2,r=0.5, vtw:k=16, "
-                   "fixed:k=2,r=0.5, schedule:4=0.5,8=0.75, progressive:k=2,0=0.5,8=0.7, dart:k=2,r=0.77, dyrate:k=2; before the decoder: divprune:r=0.9, "
+                   "fixed:k=2,r=0.5, schedule:4=0.5,8=0.75, progressive:k=2,0=0.5,8=0.7, dart:k=2,r=0.77, sparsevlm:3=0.48,7=0.653,16=0.81, dyrate:k=2; before the decoder: divprune:r=0.9, "
                    "visionzip:dominant=54,contextual=10, prumerge, prumerge+ (default: none)")
     p.add_argument("--mode", default="evict", choices=["evict", "mask"],
                    help="evict: remove pruned tokens from the KV cache (default); mask: hide them, keep the cache")

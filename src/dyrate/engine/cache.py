@@ -27,6 +27,7 @@ class GrowingLayer(DynamicLayer):
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._n = 0
+        self.read_from = 0  # `update` returns the entries from this slot on (the rank-ordered prefix path)
         super().__init__(**kwargs)  # sets keys = values = None through the properties below
 
     @property
@@ -47,7 +48,8 @@ class GrowingLayer(DynamicLayer):
         self._v = value
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append (B, H, q, D) new entries in place; return views of every entry so far."""
+        """Append (B, H, q, D) new entries in place; return views of every entry so far from slot
+        `read_from` on (the engine's mask-mode prefix path skips the image entries no row attends)."""
         if not self.is_initialized:
             self.device, self.is_initialized = key_states.device, True
         q = key_states.shape[2]
@@ -61,6 +63,8 @@ class GrowingLayer(DynamicLayer):
         self._k[:, :, self._n : self._n + q] = key_states
         self._v[:, :, self._n : self._n + q] = value_states
         self._n += q
+        if self.read_from:
+            return self._k[:, :, self.read_from : self._n], self._v[:, :, self.read_from : self._n]
         return self.keys, self.values
 
     def _alloc(self, like: torch.Tensor, cap: int) -> torch.Tensor:

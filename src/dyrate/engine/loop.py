@@ -36,7 +36,7 @@ from ..errors import InputError
 from ..policies import Policy, Probe
 from .cache import growing_cache
 from .prellm import shrink_prompt
-from .segment import Segment, compact
+from .segment import Segment, compact, rank_order
 
 MODES = ("evict", "mask")
 
@@ -82,7 +82,7 @@ class Engine:
     # gathers, not one per step. The prefill's eviction is immediate (the hidden states shrink).
     COMPACT_AT = 0.25
 
-    def __init__(self, adapter: ModelAdapter, policy: Policy, mode: str = "evict"):
+    def __init__(self, adapter: ModelAdapter, policy: Policy, mode: str = "evict", rank_prefix: bool = True):
         if mode not in MODES:
             raise InputError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         policy.validate(adapter.n_layers)
@@ -92,6 +92,10 @@ class Engine:
         self.decides_at_decode = policy.decode_decides  # asked at decode steps without a probe (fixed per policy)
         bounds = [0, *self.stages, adapter.n_layers]
         self.bounds = list(zip(bounds[:-1], bounds[1:]))  # (start, end) of each segment
+        # Mask mode with nested kept sets (one stage ranked by the prefill): the pruned segment's
+        # image slots are stored least important first, so a decode step reads only the suffix of
+        # its KV cache that starts at the first attended slot (docs/design.md, "Modes").
+        self.prefix = rank_prefix and mode == "mask" and policy.prefill_ranked and len(self.stages) == 1
 
     # ------------------------------------------------------------------ prefill
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision):
@@ -194,6 +198,11 @@ class Engine:
             pos = (position_ids, a.rotary(hidden, position_ids))
         position_ids, pos_emb = pos
         mask = None if seg.dense else self._mask(seg, q)
+        if q == 1 and not seg.in_order:  # the rank-ordered layout: skip the leading slots no row attends
+            read_from = int(seg.attend.int().argmax(dim=1).min())
+            mask = mask[..., read_from:]
+            for layer in range(seg.start, seg.end):
+                state.cache.layers[layer].read_from = read_from
         request = ProbeRequest() if self._wants_probe(state, s) else None
         if request is not None and state.raters is not None:  # prefill: the policy's rating queries
             request.weights = state.raters.gather(1, seg.col).masked_fill(~seg.valid, 0.0)  # (B, S)
@@ -236,7 +245,8 @@ class Engine:
         as it stands (None at prefill); `slots` (B, S_prev, d) the prefill's states after segment
         s-1 and `rated` (B, S_prev) the raters' attention (Policy.text_raters). Returns a (B, C) bitmap
         of the columns stage s keeps, or None when the policy leaves the kept set as it is, and the
-        Probe the policy saw.
+        Probe the policy saw and the rank of every slot (B, S_prev) (0: most important; None when
+        nothing was ranked).
 
         This runs every decode step of a probing policy, so the cheap part (shares, counts, the
         policy's target) comes first and the ranking only when some row must give tokens up."""
@@ -267,11 +277,11 @@ class Engine:
             probe.rated = rated.masked_fill(~cand, 0.0) if rated is not None else None
         target = self.policy.keep(s - 1, probe, state.policy_state)
         if target is None:
-            return None, probe
+            return None, probe, None
         k = torch.minimum(target.to(device), kept).clamp_(min=0)  # (B,)
         record["rate"][:, s - 1] = self.policy.rate(s - 1, probe, k, state.policy_state)
         if evict_now and torch.equal(k, kept):
-            return None, probe  # every row keeps all it still has: nothing to rank or evict
+            return None, probe, None  # every row keeps all it still has: nothing to rank or evict
         if evict_now:
             cand &= self._kept_bitmap(state, current).gather(1, prev.col)
         probe.img_scores = (row if row is not None else cand.float()).masked_fill(~cand, 0.0)
@@ -284,7 +294,7 @@ class Engine:
         c = state.n_cols
         bitmap = torch.zeros(b, c + 1, dtype=torch.bool, device=device)
         bitmap.scatter_(1, torch.where(chosen, prev.col, c), True)
-        return bitmap[:, :c] | (state.group != IMG), probe
+        return bitmap[:, :c] | (state.group != IMG), probe, rank
 
     def _recount(self, state: DecodeState, seg: Segment) -> Segment:
         """Refresh a segment's slot groups and key counts after its slots or mask changed (not on
@@ -300,13 +310,19 @@ class Engine:
         """Build segment s from segment s-1 between layers K_s - 1 and K_s of the prefill; in evict
         mode the pruned image tokens leave the hidden states here, and a merging policy's merged
         states replace those of the slots that carry them."""
-        bitmap, probe = self._select(state, s, probed.row, hidden[:, -1], record, current=None, slots=hidden,
-                                     rated=probed.rated)  # -1: the last prompt token
+        bitmap, probe, rank = self._select(state, s, probed.row, hidden[:, -1], record, current=None, slots=hidden,
+                                           rated=probed.rated)  # -1: the last prompt token
         keep = prev.attend if bitmap is None else prev.attend & bitmap.gather(1, prev.col)  # (B, S_prev)
         merged = self.policy.merged_states(s - 1, probe, state.policy_state) if self.policy.merges else None
         if merged is not None:
             replace, states = merged  # (B, S_prev) bool, (B, S_prev, d)
             hidden = torch.where((replace & keep)[:, :, None], states.to(hidden.dtype), hidden)
+        if self.mode == "mask" and self.prefix and rank is not None:  # the rank-ordered layout
+            index = rank_order((prev.groups == IMG) & prev.attend, rank)  # (B, S_prev), a permutation
+            hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
+            seg = Segment(start, end, prev.col.gather(1, index), prev.valid.gather(1, index), keep.gather(1, index),
+                          in_order=False)
+            return self._recount(state, seg), hidden
         if self.mode == "mask":
             seg = Segment(start, end, prev.col, prev.valid, keep)
             return self._recount(state, seg), hidden
@@ -318,7 +334,7 @@ class Engine:
     def _decide(self, state: DecodeState, s: int, row: torch.Tensor, hidden: torch.Tensor, record) -> None:
         """A decode-step decision for stage s: shrink (evict) or re-mask (mask) segments s, s+1, ...
         hidden: (B, d) the new token's state after segment s-1."""
-        bitmap, _ = self._select(state, s, row, hidden, record, current=state.segments[s])
+        bitmap, _, _ = self._select(state, s, row, hidden, record, current=state.segments[s])
         if bitmap is None:
             return
         for t in range(s, len(state.segments)):

@@ -15,8 +15,12 @@ class Segment:
     `append` (every segment, every decode step) writes one column id instead of growing four
     tensors."""
 
-    def __init__(self, start: int, end: int, col: torch.Tensor, valid: torch.Tensor, attend: torch.Tensor):
+    def __init__(self, start: int, end: int, col: torch.Tensor, valid: torch.Tensor, attend: torch.Tensor,
+                 in_order: bool = True):
         self.start, self.end = start, end  # first decoder layer, one past the last
+        # False: the slots are not in column order (mask mode's rank-ordered layout), so even a
+        # fully attended segment needs a mask for causality
+        self.in_order = in_order
         self.n_keys: torch.Tensor | None = None  # (B,) attended keys, kept up to date (see Engine._recount)
         self.n_img: torch.Tensor | None = None  # (B,) attended image keys
         self.n_stored: torch.Tensor | None = None  # (B,) valid slots: the KV entries this row's cache holds
@@ -31,7 +35,7 @@ class Segment:
         self._valid = torch.cat([valid, valid.new_ones(b, spare)], dim=1)
         self._attend = torch.cat([attend, attend.new_ones(b, spare)], dim=1)
         self._groups = col.new_full((b, n + spare), RES)  # the first n are set by Engine._recount
-        self.dense = bool(attend.all())  # attend <= valid, so every slot valid and attended: no mask needed
+        self.dense = self.in_order and bool(attend.all())  # attend <= valid: every slot valid and attended
 
     col = property(lambda self: self._col[:, : self.n])  # (B, S)
     valid = property(lambda self: self._valid[:, : self.n])  # (B, S)
@@ -49,7 +53,7 @@ class Segment:
     def set_attend(self, attend: torch.Tensor) -> None:
         """Mask mode: new attended keys (B, S) over the same slots."""
         self._attend[:, : self.n] = attend
-        self.dense = bool(attend.all())
+        self.dense = self.in_order and bool(attend.all())
 
     def append(self, new_col: int) -> None:
         """Add the slot of a new token (valid, attended, RES) at the end."""
@@ -66,6 +70,17 @@ class Segment:
         self._col, self._valid, self._attend = self._col[index], self._valid[index], self._attend[index]
         self._groups = self._groups[index]
         self.n_keys, self.n_img, self.n_stored = self.n_keys[index], self.n_img[index], self.n_stored[index]
+
+
+def rank_order(cand: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """The rank-ordered layout (docs/design.md, "Modes"): index (B, S) into the slots, putting each
+    row's candidate image slots first, least important first (so the kept top-k of any step are the
+    last k of them), then every other slot in its order. cand: (B, S) bool; rank: (B, S) long, 0 =
+    most important (only candidates' ranks are read)."""
+    s = cand.shape[1]
+    slot = torch.arange(s, device=cand.device).expand_as(cand)
+    key = torch.where(cand, s - 1 - rank, s + slot)  # candidates: 0.. by falling rank; the rest after, in order
+    return key.argsort(dim=1)
 
 
 def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,6 +132,9 @@ class Policy(abc.ABC):
     text_raters: bool = False
     #: True when a prefill decision also replaces some kept slots' states (`merged_states`)
     merges: bool = False
+    #: True when every step's kept set is the top of the prefill's ranking (decided once at prefill, or
+    #: ranked by `prefill_ranking`): the kept sets are nested, so mask mode reads a prefix (docs/design.md, "Modes")
+    prefill_ranked: bool = False
 
     @property
     def stages(self) -> tuple[int, ...]:

@@ -89,6 +89,10 @@ class DyRate(Policy):
         return self.net.config.decide != "prefill" and not self.net.config.needs_probe
 
     @property
+    def prefill_ranked(self) -> bool:  # type: ignore[override]
+        return self.net.config.rank == "prefill" or self.net.config.decide == "prefill"
+
+    @property
     def bins(self) -> int:
         return self.net.config.bins
 

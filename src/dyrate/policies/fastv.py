@@ -17,6 +17,7 @@ class FastV(Policy):
     k: int = 2
     r: float = 0.5
     name = "fastv"
+    prefill_ranked = True
     decode_probe = False
 
     def __post_init__(self):

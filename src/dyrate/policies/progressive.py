@@ -22,6 +22,7 @@ class Progressive(Policy):
     k: int = 2
     steps: tuple[tuple[int, float], ...] = ((0, 0.5),)  # (decode step, rate from that step on), step 0 first
     name = "progressive"
+    prefill_ranked = True
     decode_probe = False
     decode_decides = True
 

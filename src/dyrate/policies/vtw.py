@@ -14,6 +14,7 @@ from .base import Policy, Probe, check_layer
 class VTW(Policy):
     k: int = 16
     name = "vtw"
+    prefill_ranked = True
     decode_probe = False
 
     def __post_init__(self):
