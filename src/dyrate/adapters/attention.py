@@ -32,6 +32,25 @@ class ProbeRequest:
     rated: torch.Tensor | None = None
 
 
+@dataclass
+class Packing:
+    """A prefill run on packed tokens (the engine's pruned segments, docs/design.md "Modes"): the
+    layer's hidden states are (1, N, d), the valid slots of a padded (B, S) batch in row-major
+    order (`flat`: their (N,) indices into B * S). The linear layers then cost N tokens, not B * S;
+    the cache stores keys and values padded (B, H, S, D), and attention runs padded per row."""
+
+    flat: torch.Tensor  # (N,) long
+    batch: int
+    slots: int
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, H, N, D) -> (B, H, S, D), zeros in the holes."""
+        _, h, n, d = x.shape
+        out = x.new_zeros(self.batch * self.slots, h, d)
+        out[self.flat] = x[0].transpose(0, 1)
+        return out.view(self.batch, self.slots, h, d).transpose(1, 2)
+
+
 def _scores(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """Attention probabilities of the last query, per head. query: (B, H, q, D); key: (B, Hkv, n, D);
     mask: None or (B, 1, q, n) bool (True = attend). Returns (B, Hkv, rep, n) float32, rep = H / Hkv.
@@ -74,7 +93,11 @@ def rated_row(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
     return torch.einsum("bqn,bq->bn", p, weights[:, first:].float())
 
 
-def dyrate_attention(module, query, key, value, attention_mask, scaling=None, probe: ProbeRequest | None = None, **kwargs):
+def dyrate_attention(module, query, key, value, attention_mask, scaling=None, probe: ProbeRequest | None = None,
+                     pack: Packing | None = None, **kwargs):
+    if pack is not None:  # packed queries (1, H, N, D), padded keys: attend padded, return packed (1, N, H, D)
+        out, _ = sdpa_attention_forward(module, pack.unpack(query), key, value, attention_mask, scaling=scaling, **kwargs)
+        return out.reshape(pack.batch * pack.slots, *out.shape[2:])[pack.flat][None], None
     if probe is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5

@@ -28,6 +28,7 @@ class GrowingLayer(DynamicLayer):
         self._v: torch.Tensor | None = None
         self._n = 0
         self.read_from = 0  # `update` returns the entries from this slot on (the rank-ordered prefix path)
+        self.pack = None  # a Packing (adapters/attention.py) while the engine runs a packed prefill
         super().__init__(**kwargs)  # sets keys = values = None through the properties below
 
     @property
@@ -52,6 +53,8 @@ class GrowingLayer(DynamicLayer):
         `read_from` on (the engine's mask-mode prefix path skips the image entries no row attends)."""
         if not self.is_initialized:
             self.device, self.is_initialized = key_states.device, True
+        if self.pack is not None:  # packed (1, H, N, D) entries of a padded (B, S) prefill: store them padded
+            key_states, value_states = self.pack.unpack(key_states), self.pack.unpack(value_states)
         q = key_states.shape[2]
         if self._k is None or self._k.dim() < 3:  # the first update (the prefill): room for the answer too
             self._k = self._alloc(key_states, q + SPARE)
@@ -108,6 +111,7 @@ class GrowingLayer(DynamicLayer):
         return 0 if self._k is None else self._k.nbytes + self._v.nbytes
 
 
-def growing_cache() -> Cache:
-    """A cache whose layers (created on first use, one per decoder layer) are `GrowingLayer`s."""
-    return Cache(layer_class_to_replicate=GrowingLayer)
+def growing_cache(n_layers: int) -> Cache:
+    """A cache of `n_layers` `GrowingLayer`s, one per decoder layer (created up front, so the engine
+    can set a layer's `read_from` / `pack` before its first update)."""
+    return Cache(layers=[GrowingLayer() for _ in range(n_layers)])

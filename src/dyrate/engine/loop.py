@@ -31,7 +31,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..adapters import IMG, PAD, RES, ModelAdapter
-from ..adapters.attention import ProbeRequest
+from ..adapters.attention import Packing, ProbeRequest
 from ..errors import InputError
 from ..policies import Policy, Probe
 from .cache import growing_cache
@@ -116,7 +116,7 @@ class Engine:
         valid = attention_mask.bool()
         group = a.token_groups(input_ids, valid)  # (B, P)
         state = DecodeState(
-            cache=growing_cache(),
+            cache=growing_cache(a.n_layers),
             segments=[],
             group=group,
             pos=pos,
@@ -192,6 +192,9 @@ class Engine:
         (B, S); else None).
         pos: (position ids, rotary embeddings) of the queries, when the caller has them."""
         a = self.adapter
+        request = ProbeRequest() if self._wants_probe(state, s) else None
+        if q > 1 and s > 0 and request is None and self.mode == "evict" and self._worth_packing(seg):
+            return self._run_packed(state, seg, hidden, record), None
         if pos is None:
             cols = seg.col[:, -q:]  # (B, q)
             position_ids = state.pos.gather(2, cols.expand(state.pos.shape[0], -1, -1))  # (A, B, q)
@@ -203,7 +206,6 @@ class Engine:
             mask = mask[..., read_from:]
             for layer in range(seg.start, seg.end):
                 state.cache.layers[layer].read_from = read_from
-        request = ProbeRequest() if self._wants_probe(state, s) else None
         if request is not None and state.raters is not None:  # prefill: the policy's rating queries
             request.weights = state.raters.gather(1, seg.col).masked_fill(~seg.valid, 0.0)  # (B, S)
         for layer in range(seg.start, seg.end):
@@ -217,6 +219,46 @@ class Engine:
         record["img"].append(seg.n_img)
         record["stored"].append(seg.n_stored)
         return hidden, request
+
+    PACK_BELOW = 0.9  # a pruned segment's prefill runs packed when its valid slots are below this share
+
+    def _worth_packing(self, seg: Segment) -> bool:
+        """Do the holes of a pruned segment's prefill (ragged kept counts, left padding) waste enough
+        of the padded batch to run its linear layers on the valid slots only?"""
+        return not seg.dense and int(seg.n_stored.sum()) < self.PACK_BELOW * seg.valid.numel()
+
+    def _run_packed(self, state: DecodeState, seg: Segment, hidden: torch.Tensor, record) -> torch.Tensor:
+        """The prefill of a pruned segment with no probe in it, on packed tokens (docs/design.md,
+        "Modes"): the valid slots of every row in one (1, N, d) sequence, so the linear layers cost
+        the kept tokens, not the batch's largest row; attention and the KV cache stay padded per
+        row (adapters/attention.Packing). Returns the hidden states padded again (B, S, d)."""
+        a = self.adapter
+        b, n, d = hidden.shape
+        pack = Packing(seg.valid.reshape(-1).nonzero()[:, 0], b, n)
+        packed = hidden.reshape(b * n, d)[pack.flat][None]  # (1, N, d)
+        position_ids = state.pos.reshape(state.pos.shape[0], -1)[:, self._flat_cols(state, seg, pack)][:, None]  # (A, 1, N)
+        pos_emb = a.rotary(packed, position_ids)
+        mask = self._mask(seg, n)
+        for layer in range(seg.start, seg.end):
+            state.cache.layers[layer].pack = pack
+            packed = a.layers[layer](
+                packed, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids[0],
+                use_cache=True, pack=pack, **{a.cache_kwarg: state.cache},
+            )
+            state.cache.layers[layer].pack = None
+        record["queries"].append(seg.valid.sum(1))
+        record["keys"].append(seg.n_keys)
+        record["img"].append(seg.n_img)
+        record["stored"].append(seg.n_stored)
+        out = packed.new_zeros(b * n, d)
+        out[pack.flat] = packed[0]
+        return out.view(b, n, d)
+
+    @staticmethod
+    def _flat_cols(state: DecodeState, seg: Segment, pack: Packing) -> torch.Tensor:
+        """(N,) indices into state.pos flattened over (B, C) of the packed slots' columns."""
+        rows = torch.arange(seg.col.shape[0], device=seg.col.device)[:, None] * state.n_cols
+        return (seg.col + rows).reshape(-1)[pack.flat]
 
     @staticmethod
     def _mask(seg: Segment, q: int) -> torch.Tensor:
