@@ -285,6 +285,36 @@ def test_every_policy_runs(family, pictures, mode):
             assert res.retained == pytest.approx(kept, abs=0.13), spec  # ceil of a few image tokens
 
 
+def test_packed_prefill_equals_padded(family, pictures):
+    """The packed prefill of pruned segments (ragged image-token counts and prompt lengths) equals
+    the padded one on every family (M-RoPE positions included), and really runs."""
+    _, _, model, processor, _ = family
+
+    class Padded(Engine):
+        PACK_BELOW = 0.0
+
+    class Packed(Engine):
+        PACK_BELOW = 1.01
+        packed = 0
+
+        def _run_packed(self, *args):
+            self.packed += 1
+            return super()._run_packed(*args)
+
+    batch = encode(processor, pictures, PROMPTS, "cpu")
+    eos, pad = _eos_pad(model)
+    out = []
+    for cls in (Packed, Padded):
+        engine = cls(adapter_for(model), parse_policy("fastv:k=2,r=0.5"), "evict")
+        with torch.inference_mode():
+            rows, _ = generate_tokens(engine, batch.input_ids, batch.attention_mask, batch.vision,
+                                      GenerationOptions(max_new_tokens=5), eos=[-1], pad=pad)
+        out.append([r.token_ids for r in rows])
+        if cls is Packed:
+            assert engine.packed == 1
+    assert out[0] == out[1]
+
+
 def test_sparsevlm_rows_equal_rows_alone(family, pictures):
     """SparseVLM reads only the decoder: on every family, batch rows with different image-token
     counts equal rows alone, and each row keeps its static count."""

@@ -17,7 +17,8 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from ..errors import InputError
-from .loop import Engine, as_vision
+from .columns import as_vision
+from .loop import Engine
 
 
 @dataclass(frozen=True)

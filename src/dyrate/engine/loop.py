@@ -31,10 +31,12 @@ import torch
 from transformers.cache_utils import Cache
 
 from ..adapters import IMG, PAD, RES, ModelAdapter
-from ..adapters.attention import Packing, ProbeRequest
+from ..adapters.attention import ProbeRequest
 from ..errors import InputError
 from ..policies import Policy, Probe
 from .cache import growing_cache
+from .columns import as_vision, image_ordinals
+from .layers import note_counts, run_packed, slot_mask
 from .prellm import shrink_prompt
 from .segment import Segment, compact, rank_order
 
@@ -123,7 +125,7 @@ class Engine:
             n_img=(group == IMG).sum(1) if n_img is None else n_img,  # image tokens before any reduction
             policy_state=self.policy.init_state(b, device),
             n_prompt=p,
-            image_of=_image_ordinals(group, counts),
+            image_of=image_ordinals(group, counts),
         )
         state.n_images = max(int(state.image_of.max()) + 1, 1)
         if self.policy.text_raters:
@@ -200,7 +202,7 @@ class Engine:
             position_ids = state.pos.gather(2, cols.expand(state.pos.shape[0], -1, -1))  # (A, B, q)
             pos = (position_ids, a.rotary(hidden, position_ids))
         position_ids, pos_emb = pos
-        mask = None if seg.dense else self._mask(seg, q)
+        mask = None if seg.dense else slot_mask(seg, q)
         if q == 1 and not seg.in_order:  # the rank-ordered layout: skip the leading slots no row attends
             read_from = int(seg.attend.int().argmax(dim=1).min())
             mask = mask[..., read_from:]
@@ -214,10 +216,7 @@ class Engine:
                 hidden, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids[0],
                 use_cache=True, **{a.cache_kwarg: state.cache}, **extra,
             )
-        record["queries"].append(1 if q == 1 else seg.valid[:, -q:].sum(1))
-        record["keys"].append(seg.n_keys)
-        record["img"].append(seg.n_img)
-        record["stored"].append(seg.n_stored)
+        note_counts(record, seg, 1 if q == 1 else seg.valid[:, -q:].sum(1))
         return hidden, request
 
     PACK_BELOW = 0.9  # a pruned segment's prefill runs packed when its valid slots are below this share
@@ -228,48 +227,7 @@ class Engine:
         return not seg.dense and int(seg.n_stored.sum()) < self.PACK_BELOW * seg.valid.numel()
 
     def _run_packed(self, state: DecodeState, seg: Segment, hidden: torch.Tensor, record) -> torch.Tensor:
-        """The prefill of a pruned segment with no probe in it, on packed tokens (docs/design.md,
-        "Modes"): the valid slots of every row in one (1, N, d) sequence, so the linear layers cost
-        the kept tokens, not the batch's largest row; attention and the KV cache stay padded per
-        row (adapters/attention.Packing). Returns the hidden states padded again (B, S, d)."""
-        a = self.adapter
-        b, n, d = hidden.shape
-        pack = Packing(seg.valid.reshape(-1).nonzero()[:, 0], b, n)
-        packed = hidden.reshape(b * n, d)[pack.flat][None]  # (1, N, d)
-        position_ids = state.pos.reshape(state.pos.shape[0], -1)[:, self._flat_cols(state, seg, pack)][:, None]  # (A, 1, N)
-        pos_emb = a.rotary(packed, position_ids)
-        mask = self._mask(seg, n)
-        for layer in range(seg.start, seg.end):
-            state.cache.layers[layer].pack = pack
-            packed = a.layers[layer](
-                packed, attention_mask=mask, position_embeddings=pos_emb, position_ids=position_ids[0],
-                use_cache=True, pack=pack, **{a.cache_kwarg: state.cache},
-            )
-            state.cache.layers[layer].pack = None
-        record["queries"].append(seg.valid.sum(1))
-        record["keys"].append(seg.n_keys)
-        record["img"].append(seg.n_img)
-        record["stored"].append(seg.n_stored)
-        out = packed.new_zeros(b * n, d)
-        out[pack.flat] = packed[0]
-        return out.view(b, n, d)
-
-    @staticmethod
-    def _flat_cols(state: DecodeState, seg: Segment, pack: Packing) -> torch.Tensor:
-        """(N,) indices into state.pos flattened over (B, C) of the packed slots' columns."""
-        rows = torch.arange(seg.col.shape[0], device=seg.col.device)[:, None] * state.n_cols
-        return (seg.col + rows).reshape(-1)[pack.flat]
-
-    @staticmethod
-    def _mask(seg: Segment, q: int) -> torch.Tensor:
-        """Boolean SDPA mask (B, 1, q, S) for the last q slots: attended keys at or before the query's
-        column, plus the query itself (so no row is empty)."""
-        s = seg.col.shape[1]
-        q_col = seg.col[:, -q:, None]  # (B, q, 1)
-        k_col = seg.col[:, None, :]  # (B, 1, S)
-        allowed = seg.attend[:, None, :] & (k_col <= q_col)  # (B, q, S)
-        diag = torch.arange(s - q, s, device=seg.col.device)[:, None] == torch.arange(s, device=seg.col.device)
-        return (allowed | diag).unsqueeze(1)
+        return run_packed(self.adapter, state, seg, hidden, record)  # engine/layers.py
 
     @staticmethod
     def _kept_bitmap(state: DecodeState, seg: Segment) -> torch.Tensor:
@@ -398,22 +356,3 @@ class Engine:
                 state.cache.layers[layer].keep_slots(index)  # (B, Hkv, S_new, D) in place
             seg.set_slots(seg.col.gather(1, index), valid, valid)
             self._recount(state, seg)
-
-
-def _image_ordinals(group: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """(B, P) groups and each image's token count (batch order) -> (B, P) long: the ordinal of the
-    image each image column belongs to (0, 1, ... within its row), -1 elsewhere."""
-    is_img = group == IMG
-    out = torch.full_like(group, -1)
-    images = iter(counts)
-    for row, total in enumerate(is_img.sum(1).tolist()):
-        ordinals = []
-        while len(ordinals) < total:
-            ordinals += [len(set(ordinals))] * next(images, total)
-        out[row, is_img[row]] = torch.tensor(ordinals[:total], dtype=out.dtype, device=out.device)
-    return out
-
-
-def as_vision(vision) -> dict[str, torch.Tensor]:
-    """The vision inputs as a dict; a bare tensor is LLaVA's pixel_values."""
-    return {"pixel_values": vision} if isinstance(vision, torch.Tensor) else dict(vision)
