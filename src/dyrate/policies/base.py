@@ -103,6 +103,16 @@ def check_rate_pairs(name: str, pairs, key: str, along: str) -> None:
         raise PolicySpecError(f"{name}: rates {rates} must not decrease {along}")
 
 
+def check_stages(name: str, steps) -> None:
+    """A policy's LAYER=RATE stages (schedule, sparsevlm): at least one, layers >= 1 and ascending,
+    rates in [0, 1) and never decreasing with depth."""
+    if not steps:
+        raise PolicySpecError(f"{name}: give at least one LAYER=RATE stage")
+    for k, _ in steps:
+        check_layer(k, "layer")
+    check_rate_pairs(name, steps, "layer", "with depth")
+
+
 def prefill_ranking(probe: Probe, state: dict[str, torch.Tensor]) -> torch.Tensor:
     """(B, S) scores for a policy that ranks by the prefill's probe at every step (FastV's ranking,
     kept): stored at step 0, handed back later. The slots the prefill probe saw keep their indices
@@ -173,7 +183,7 @@ class Policy(abc.ABC):
     def raters(self, embeds: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         """For `text_raters`: (B, P) float weights of the prompt's columns as rating queries, from the
         decoder's input embeddings (B, P, d) and groups (B, P). Called once per prefill."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{self.name} sets text_raters but defines no raters()")
 
     def merged_states(self, stage: int, probe: Probe, state: dict[str, torch.Tensor]):
         """For `merges`, after a prefill decision: None, or (replace (B, S) bool, states (B, S, d)):

@@ -12,7 +12,7 @@ import torch
 
 from ..errors import PolicySpecError
 from ..rates import keep_count, keep_counts
-from .base import Policy, Probe, check_layer, check_rate_pairs
+from .base import Policy, Probe, check_stages
 
 
 @dataclass(frozen=True)
@@ -22,11 +22,7 @@ class DepthSchedule(Policy):
     decode_probe = False
 
     def __post_init__(self):
-        if not self.steps:
-            raise PolicySpecError("schedule: give at least one LAYER=RATE stage")
-        for k, _ in self.steps:
-            check_layer(k, "layer")
-        check_rate_pairs("schedule", self.steps, "layer", "with depth")
+        check_stages("schedule", self.steps)
 
     @property
     def stages(self) -> tuple[int, ...]:

@@ -32,7 +32,7 @@ import torch
 from ..adapters import IMG, INS
 from ..errors import PolicySpecError
 from ..rates import keep_count
-from .base import Policy, Probe, check_layer, check_rate_pairs
+from .base import Policy, Probe, check_stages
 
 DEFAULT_STAGES = ((3, 0.48), (7, 0.653), (16, 0.81))  # keep 300, 200, 110 of 576
 KNOBS = ("recycle", "per_cluster")
@@ -93,11 +93,7 @@ class SparseVLM(Policy):
     merges = True
 
     def __post_init__(self):
-        if not self.steps:
-            raise PolicySpecError("sparsevlm: give at least one LAYER=RATE stage")
-        for k, _ in self.steps:
-            check_layer(k, "layer")
-        check_rate_pairs("sparsevlm", self.steps, "layer", "with depth")
+        check_stages("sparsevlm", self.steps)
         if not 0.0 <= self.recycle <= 1.0:
             raise PolicySpecError(f"sparsevlm: recycle={self.recycle:g} must lie in [0, 1]")
         if self.per_cluster < 1:
