@@ -266,8 +266,8 @@ class Engine:
         evict_now = self.mode == "evict" and current is not None
         kept = current.n_img if evict_now else prev.n_img  # (B,)
         probe = Probe(shares=shares, img_scores=None, n_img=state.n_img, kept=kept, step=state.step, hidden=hidden)
-        cand = (prev.groups == IMG) & prev.attend  # (B, S_prev)
         if slots is not None and self.policy.needs_slots:  # slots: (B, S_prev, d), the prefill's states
+            cand = (prev.groups == IMG) & prev.attend  # (B, S_prev)
             keys = state.cache.layers[self.stages[s - 1] - 1].keys  # (B, Hkv, S_prev, D)
             probe.slot_states = self.adapter.final_norm(slots)
             probe.slot_keys = keys.transpose(1, 2).flatten(2)  # (B, S_prev, Hkv * D)
@@ -282,6 +282,7 @@ class Engine:
         record["rate"][:, s - 1] = self.policy.rate(s - 1, probe, k, state.policy_state)
         if evict_now and torch.equal(k, kept):
             return None, probe, None  # every row keeps all it still has: nothing to rank or evict
+        cand = (prev.groups == IMG) & prev.attend  # (B, S_prev)
         if evict_now:
             cand &= self._kept_bitmap(state, current).gather(1, prev.col)
         probe.img_scores = (row if row is not None else cand.float()).masked_fill(~cand, 0.0)
