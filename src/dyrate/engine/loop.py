@@ -17,8 +17,9 @@ Vocabulary
 Evict mode gathers the KV cache of a segment's layers when its kept set shrinks (and, at prefill,
 drops pruned image tokens from the hidden states between layers K-1 and K); at decode steps the
 dropped slots are hidden first and gathered out once they are a quarter of the segment
-(`Engine.COMPACT_AT`). Mask mode keeps every
-slot and hides unkept image keys from the queries of layers >= K.
+(`Engine.COMPACT_AT`); the prefill of a pruned segment with many holes runs packed
+(engine/layers.py). Mask mode keeps every slot and hides unkept image keys from the queries of
+layers >= K; for nested kept sets it stores them rank-ordered and reads a suffix (`Engine.prefix`).
 
 The per-call `DecodeState` carries everything; nothing is stored on the model or the policy.
 """
@@ -318,7 +319,7 @@ class Engine:
         if merged is not None:
             replace, states = merged  # (B, S_prev) bool, (B, S_prev, d)
             hidden = torch.where((replace & keep)[:, :, None], states.to(hidden.dtype), hidden)
-        if self.mode == "mask" and self.prefix and rank is not None:  # the rank-ordered layout
+        if self.prefix and rank is not None:  # mask mode's rank-ordered layout
             index = rank_order((prev.groups == IMG) & prev.attend, rank)  # (B, S_prev), a permutation
             hidden = hidden.gather(1, index[:, :, None].expand(-1, -1, hidden.shape[-1]))
             seg = Segment(start, end, prev.col.gather(1, index), prev.valid.gather(1, index), keep.gather(1, index),
