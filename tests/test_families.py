@@ -205,14 +205,16 @@ def test_multi_image_matches_reference(family, pictures, spec):
     assert kept == want_kept[len(want_tokens) - 1][-1]
 
 
-def test_multi_image_beams_rows_alone(family, pictures):
-    """Beam search repeats each row's images as a block: batch rows equal rows alone."""
+@pytest.mark.parametrize("spec", ["fastv:k=2,r=0.5", "sparsevlm:1=0.5,3=0.75,recycle=0.5,per_cluster=2"])
+def test_multi_image_beams_rows_alone(family, pictures, spec):
+    """Beam search repeats each row's images as a block: batch rows equal rows alone (SparseVLM: its
+    raters include the text between the images, its candidates every image's tokens)."""
     _, _, model, processor, _ = family
     rows = [[pictures[2]], pictures[:2], [pictures[1]]]
     prompts = ["Hi", "Compare them.", "What?"]
-    together = dyrate.generate(model, processor, rows, prompts, policy="fastv:k=2,r=0.5", max_new_tokens=5, num_beams=2)
+    together = dyrate.generate(model, processor, rows, prompts, policy=spec, max_new_tokens=5, num_beams=2)
     for i in range(3):
-        alone = dyrate.generate(model, processor, rows[i:i + 1], prompts[i:i + 1], policy="fastv:k=2,r=0.5",
+        alone = dyrate.generate(model, processor, rows[i:i + 1], prompts[i:i + 1], policy=spec,
                                 max_new_tokens=5, num_beams=2)[0]
         assert together[i].token_ids == alone.token_ids, i
 
