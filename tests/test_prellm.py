@@ -15,6 +15,7 @@ from dyrate.errors import PolicySpecError
 from dyrate.policies import parse_policy
 
 import reference_prellm as ref
+from tiny import assert_rows_equal_alone
 
 SPECS = ["divprune:r=0.75", "visionzip:dominant=5,contextual=3", "prumerge", "prumerge+", "prumerge:ratio=0.25,neighbours=4",
          "prumerge+:ratio=0.2"]
@@ -176,14 +177,8 @@ def test_dart_kept_set_equals_the_reference(tiny, vanilla, images, prompts, spec
 
 @pytest.mark.parametrize("beams", [1, 2])
 def test_dart_rows_equal_rows_alone(tiny, images, prompts, beams):
-    model, processor = tiny
-    spec = "dart:k=2,r=0.5,pivots_image=2,pivots_text=2"
-    together = dyrate.generate(model, processor, images, prompts, policy=spec, max_new_tokens=6, num_beams=beams)
-    for i in range(3):
-        alone = dyrate.generate(model, processor, images[i:i + 1], prompts[i:i + 1], policy=spec, max_new_tokens=6,
-                                num_beams=beams)[0]
-        assert together[i].token_ids == alone.token_ids
-        assert [e["kept"] for e in together[i].trace] == [e["kept"] for e in alone.trace]
+    assert_rows_equal_alone(*tiny, images, prompts, policy="dart:k=2,r=0.5,pivots_image=2,pivots_text=2",
+                            max_new_tokens=6, num_beams=beams)
 
 
 def test_dart_static_counts_and_bad_parameters(tiny, images):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dyrate
 from dyrate.adapters import IMG, adapter_for
 from dyrate.adapters.inputs import encode
 from dyrate.engine import Engine, GenerationOptions, generate_tokens
 from dyrate.engine.segment import rank_order
 from dyrate.policies import parse_policy
+from tiny import assert_rows_equal_alone
 
 SPECS = ["fastv:k=2,r=0.5", "progressive:k=2,0=0.25,2=0.5,4=0.875", "vtw:k=3", "random:k=1,r=0.75,seed=3"]
 OPTS = [dict(max_new_tokens=8), dict(max_new_tokens=8, do_sample=True, seed=5), dict(max_new_tokens=6, num_beams=2)]
@@ -73,15 +73,8 @@ def test_a_step_reads_only_from_the_first_kept_slot(tiny, images, prompts, spec)
 
 @pytest.mark.parametrize("beams", [1, 2])
 def test_rows_equal_rows_alone(tiny, images, prompts, beams):
-    model, processor = tiny
-    spec = "progressive:k=2,0=0.25,2=0.5,4=0.875"
-    together = dyrate.generate(model, processor, images, prompts, policy=spec, mode="mask", max_new_tokens=6,
-                               num_beams=beams)
-    for i in range(3):
-        alone = dyrate.generate(model, processor, images[i:i + 1], prompts[i:i + 1], policy=spec, mode="mask",
-                                max_new_tokens=6, num_beams=beams)[0]
-        assert together[i].token_ids == alone.token_ids
-        assert [e["kept"] for e in together[i].trace] == [e["kept"] for e in alone.trace]
+    assert_rows_equal_alone(*tiny, images, prompts, policy="progressive:k=2,0=0.25,2=0.5,4=0.875", mode="mask",
+                            max_new_tokens=6, num_beams=beams)
 
 
 def test_fresh_rankings_keep_the_plain_path(tiny):

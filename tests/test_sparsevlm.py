@@ -17,6 +17,7 @@ from dyrate.policies import parse_policy
 from dyrate.policies.sparsevlm import cluster_and_merge, rater_weights
 
 import reference_sparsevlm as ref
+from tiny import assert_rows_equal_alone
 
 SPECS = ["sparsevlm:1=0.5,2=0.75,3=0.9", "sparsevlm:2=0.4,3=0.8,recycle=0.6,per_cluster=2",
          "sparsevlm:1=0.6,recycle=0"]
@@ -73,14 +74,7 @@ def test_kept_sets_and_answer_equal_the_reference(tiny, vanilla, images, prompts
 
 @pytest.mark.parametrize("beams", [1, 2])
 def test_rows_equal_rows_alone(tiny, images, prompts, beams):
-    model, processor = tiny
-    spec = SPECS[0]
-    together = dyrate.generate(model, processor, images, prompts, policy=spec, max_new_tokens=6, num_beams=beams)
-    for i in range(3):
-        alone = dyrate.generate(model, processor, images[i:i + 1], prompts[i:i + 1], policy=spec, max_new_tokens=6,
-                                num_beams=beams)[0]
-        assert together[i].token_ids == alone.token_ids
-        assert [e["kept"] for e in together[i].trace] == [e["kept"] for e in alone.trace]
+    assert_rows_equal_alone(*tiny, images, prompts, policy=SPECS[0], max_new_tokens=6, num_beams=beams)
 
 
 def test_pruning_nothing_equals_none(tiny, images, prompts):

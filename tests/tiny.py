@@ -101,3 +101,15 @@ def save_tiny(path: str | Path, seed: int = 0, **config_kwargs) -> Path:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def assert_rows_equal_alone(model, processor, images, prompts, **kwargs) -> None:
+    """Every row of one batched `dyrate.generate` call equals that row run alone: the same tokens
+    and the same kept counts at every step (kwargs: policy, mode, num_beams, max_new_tokens, ...)."""
+    import dyrate
+
+    together = dyrate.generate(model, processor, images, prompts, **kwargs)
+    for i in range(len(prompts)):
+        alone = dyrate.generate(model, processor, images[i:i + 1], prompts[i:i + 1], **kwargs)[0]
+        assert together[i].token_ids == alone.token_ids, i
+        assert [e["kept"] for e in together[i].trace] == [e["kept"] for e in alone.trace], i
