@@ -13,7 +13,7 @@ import dyrate
 from dyrate.adapters import IMG, adapter_for
 from dyrate.adapters.inputs import encode
 from dyrate.engine import Engine, GenerationOptions, generate_tokens
-from dyrate.errors import CheckpointError, DyrateError, InputError
+from dyrate.errors import CheckpointError, DyrateError, InputError, PolicySpecError
 from dyrate.policies import parse_policy
 from dyrate.testbed.families import FAMILIES, save_family
 
@@ -369,16 +369,90 @@ def test_divprune_keeps_original_positions_on_mrope(family, pictures):
         assert torch.equal(pos[0], torch.arange(pos.shape[1]))
 
 
-@pytest.mark.parametrize("spec", ["visionzip", "prumerge", "prumerge+"])
-def test_class_token_methods_name_what_they_need(family, pictures, spec):
+TOWER_SPECS = ["visionzip:dominant=3,contextual=2", "prumerge", "prumerge+:ratio=0.3", "prumerge:ratio=0.25,neighbours=4"]
+
+
+def _tower_reference(name, model, view, vision, spec):
+    import reference_tower as rt
+
+    pol = parse_policy(spec)
+    images, n_layers = (rt.qwen_tiles if name.startswith("qwen") else rt.llava_next_tiles)(model, vision)
+    if pol.name == "visionzip":
+        return rt.visionzip(images[0], view.project, n_layers - 1, pol.dominant, pol.contextual)
+    return rt.prumerge(images[0], view.project, n_layers, pol.neighbours, pol.name == "prumerge+", pol.ratio)
+
+
+@pytest.mark.parametrize("windowed", [False, True], ids=["full", "windowed"])
+def test_tower_methods_equal_the_reference(family, pictures, windowed):
+    """VisionZip and PruMerge(+) read the tower through tiles: the base image and each crop
+    (LLaVA-NeXT, OneVision), attention received where there is no class token (SigLIP, Qwen2-VL),
+    merged 2x2 units and attention windows (Qwen2.5-VL, its last block made windowed) -- equal to
+    tests/reference_tower.py (LLaVA-1.5: tests/test_prellm.py)."""
     name, _, model, processor, _ = family
-    if name == "llava":
-        dyrate.generate(model, processor, pictures[:1], PROMPTS[:1], policy=spec + ":" + (
-            "dominant=5,contextual=3" if spec == "visionzip" else "ratio=0.25"), max_new_tokens=2)
-        return
-    with pytest.raises(DyrateError, match="class token") as err:
-        dyrate.generate(model, processor, pictures[:1], PROMPTS[:1], policy=spec, max_new_tokens=2)
+    if name == "llava" or (windowed and name != "qwen2.5-vl"):
+        pytest.skip("LLaVA-1.5 is checked in test_prellm.py; only Qwen2.5-VL has windows")
+    gen = torch.Generator().manual_seed(6)
+    square = Image.fromarray((torch.rand(112, 112, 3, generator=gen) * 255).to(torch.uint8).numpy())  # 16 Qwen units
+    visual = getattr(model.model, "visual", None)
+    full = getattr(visual, "fullatt_block_indexes", None)
+    if windowed:
+        visual.fullatt_block_indexes = [0]  # the last block (the one read) attends within windows
+    try:
+        for picture in [*pictures[:2], square]:
+            batch = encode(processor, [picture], ["Hi"], "cpu")
+            with torch.no_grad():
+                [view] = adapter_for(model).image_views(batch.vision)
+                if windowed:
+                    assert view.tiles[0].windows(view.feature_layer) is not None
+                for spec in TOWER_SPECS:
+                    red = parse_policy(spec).reduce(view)
+                    want = _tower_reference(name, model, view, batch.vision, spec)
+                    assert red.features.shape == want.shape, (spec, picture.size)
+                    torch.testing.assert_close(red.features, want, rtol=1e-5, atol=1e-5)
+                    assert len(red.anchors) == len(red.features) and 0 <= int(red.anchors.min())
+                    assert int(red.anchors.max()) < view.n
+    finally:
+        if windowed:
+            visual.fullatt_block_indexes = full
+
+
+@pytest.mark.parametrize("spec", ["visionzip:dominant=2,contextual=1", "prumerge:ratio=0.25"])
+def test_tower_methods_rows_equal_rows_alone(family, pictures, spec):
+    """Rows with different image-token counts (crop grids, Qwen image sizes) equal rows alone;
+    VisionZip keeps dominant + contextual tokens per tower pass."""
+    name, _, model, processor, _ = family
+    together = dyrate.generate(model, processor, pictures, PROMPTS, policy=spec, max_new_tokens=4)
+    for i in range(3):
+        alone = dyrate.generate(model, processor, pictures[i:i + 1], PROMPTS[i:i + 1], policy=spec, max_new_tokens=4)[0]
+        assert together[i].token_ids == alone.token_ids
+        if spec.startswith("visionzip"):
+            batch = encode(processor, pictures[i:i + 1], ["Hi"], "cpu")
+            [view] = adapter_for(model).image_views(batch.vision)
+            assert alone.trace[0]["kept"][0] == 3 * len(view.tiles)
+
+
+def test_tower_methods_refuse_with_one_line(family, pictures):
+    """More kept patches than the (base) image holds; OneVision crops the model resamples
+    (anyres_max) are no tower patches -- one line each."""
+    name, _, model, processor, _ = family
+    with pytest.raises(PolicySpecError, match="more than the image") as err:
+        dyrate.generate(model, processor, pictures[:1], PROMPTS[:1], policy="visionzip:dominant=20,contextual=5",
+                        max_new_tokens=2)
     assert "\n" not in str(err.value)
+    if name != "llava-onevision":
+        return
+    batch = encode(processor, pictures[:1], ["Hi"], "cpu")
+    ratio = model.config.vision_aspect_ratio
+    model.config.vision_aspect_ratio = "anyres_max_1"  # the crops' 8x8 patches resampled to fit one tile
+    try:
+        [view] = adapter_for(model).image_views(batch.vision)
+    finally:
+        model.config.vision_aspect_ratio = ratio
+    assert not view.tiles
+    for spec in ("visionzip", "prumerge"):
+        with pytest.raises(PolicySpecError, match="resamples") as err:
+            parse_policy(spec).reduce(view)
+        assert "\n" not in str(err.value)
 
 
 def test_multi_image_shares_split_the_image_share(family, pictures):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .base import DecoderAdapter, Vision
+from .vision import ImageView, Tile
 
 
 class Qwen2VLAdapter(DecoderAdapter):
@@ -45,3 +46,80 @@ class Qwen2VLAdapter(DecoderAdapter):
         out["pixel_values"] = torch.cat([px for px in rows_pixels for _ in range(n)])
         out["image_grid_thw"] = torch.cat([g for g in rows_grid for _ in range(n)])
         return out
+
+    # ------------------------------------------------------------------ pre-LLM views
+    def image_views(self, vision: Vision) -> list[ImageView]:
+        """One view per image, one tile: the tower's q / k of each block (read from the block's
+        attention inputs with forward pre-hooks, removed on return; after the 2-D rotary, back in
+        the processor's patch order where Qwen2.5-VL's windows reorder them), the merger's input
+        per merged token (`ln_q` of its 2x2 patches, concatenated) and the merger's MLP."""
+        visual = self.model.model.visual
+        grid = vision["image_grid_thw"]  # (N, 3)
+        seen: dict[int, tuple] = {}
+
+        def grab(index):
+            def hook(module, args, kwargs):
+                x = args[0] if args else kwargs["hidden_states"]
+                seen[index] = (x, kwargs["cu_seqlens"], kwargs["position_embeddings"])
+            return hook
+
+        handles = [blk.attn.register_forward_pre_hook(grab(i), with_kwargs=True) for i, blk in enumerate(visual.blocks)]
+        try:
+            out = visual(vision["pixel_values"].type(visual.dtype), grid_thw=grid)
+        finally:
+            for h in handles:
+                h.remove()
+        merge = visual.spatial_merge_size ** 2  # patches per merged token (consecutive in the processor's order)
+        n_units = int(grid.prod(-1).sum()) // merge
+        order = self._window_order(visual, grid, n_units)  # (U,) window position of each natural-order unit
+        states = visual.merger.ln_q(out.last_hidden_state).view(n_units, -1)[order]  # (U, merge * dv), natural order
+        features = out.pooler_output.split((grid.prod(-1) // merge).tolist())
+        layers = {}
+
+        def layer_qk(layer: int):  # every image's (P, H, Dh) q and k, natural order, and window ids (P,)
+            if layer not in layers:
+                x, cu, (cos, sin) = seen[layer]
+                attn = visual.blocks[layer].attn
+                p = x.shape[0]
+                q, k, _ = attn.qkv(x).reshape(p, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+                q, k = _rotary(attn)(q, k, cos, sin)
+                window = torch.searchsorted(cu[1:].to(x.device), torch.arange(p, device=x.device), right=True)
+                layers[layer] = tuple(t.view(n_units, merge, *t.shape[1:])[order].flatten(0, 1) for t in (q, k, window))
+            return layers[layer]
+
+        views, unit = [], 0
+        for f in features:
+            u = f.shape[0]
+            lo, hi = unit * merge, (unit + u) * merge
+
+            def qk(layer, lo=lo, hi=hi):
+                q, k, _ = layer_qk(layer)
+                return q[lo:hi], k[lo:hi]
+
+            def windows(layer, lo=lo, hi=hi):
+                ids = layer_qk(layer)[2][lo:hi]
+                return None if bool((ids == ids[0]).all()) else ids
+
+            tile = Tile(states[unit:unit + u], torch.arange(u, device=f.device), qk, None, merge, windows)
+            views.append(ImageView(f, [tile], len(visual.blocks), len(visual.blocks) - 1, visual.merger.mlp))
+            unit += u
+        return views
+
+    @staticmethod
+    def _window_order(visual, grid: torch.Tensor, n_units: int) -> torch.Tensor:
+        """(U,) where each merged token (processor order) sits in the tower's sequence: Qwen2.5-VL
+        reorders them into attention windows (`get_vision_window_index`); Qwen2-VL does not."""
+        if not hasattr(visual, "window_size"):
+            return torch.arange(n_units, device=grid.device)
+        from transformers.vision_utils import get_vision_window_index
+
+        window_index, _ = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                                  window_size=visual.window_size, patch_size=visual.patch_size)
+        return torch.argsort(window_index)
+
+
+def _rotary(attn):
+    """The vision rotary of the attention module's own family (Qwen2-VL / Qwen2.5-VL)."""
+    import importlib
+
+    return importlib.import_module(type(attn).__module__).apply_rotary_pos_emb_vision

@@ -14,7 +14,10 @@ Restated from the authors' code (42Shawn/LLaVA-PruMerge, `token_prune_merge_adva
   tokens (other kept and pruned ones) whose normalised keys are most similar to its key; one extra
   token, the score-weighted sum of all pruned tokens, is appended (an image with no outlier becomes
   that one token, as in their code); states at the feature layer, then the projector.
-Needs a vision tower with a class token (LLaVA-1.5 here); other families are refused with one line."""
+Per tower pass (tile): LLaVA-NeXT / OneVision reduce the base image and each crop alike (their code
+covers LLaVA-1.5 only), base first, crop patches the model unpads away left out. Towers without a
+class token (OneVision's SigLIP, Qwen2-VL): the attention each unit receives replaces the class
+token's row (policies/tower.py); Qwen2-VL's unit is a merged 2x2 token (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 from ..errors import PolicySpecError
 from .base import PreLLMPolicy, Reduction
-from .visionzip import _check_tower
+from .tower import check_tower, unit_keys, unit_scores
 
 
 def outlier_ratio(scores: torch.Tensor) -> float:
@@ -56,13 +59,24 @@ class PruMerge(PreLLMPolicy):
         return None  # the adaptive count depends on the image
 
     def reduce(self, view) -> Reduction:
-        _check_tower(self.spec(), view)
-        n = view.n
-        q, k = view.qk(view.n_tower_layers - 1)  # (T, H, Dh): the last layer's projections
-        q, k = q.flatten(1), k.flatten(1)  # (T, C) one full-width head
-        features = view.hidden[1:]  # (n, C) patch states at the feature layer
-        attn = (q @ k.T * features.shape[-1] ** -0.5).softmax(-1)
-        score = attn[0, 1:]  # (n,) the class token's attention to each patch
+        check_tower(self.spec(), view)
+        parts = [self._tile(view, tile) for tile in view.tiles]  # base image first, then the crops
+        states = torch.cat([p[0] for p in parts])
+        return Reduction(view.project(states), torch.cat([p[1] for p in parts]))
+
+    def _tile(self, view, tile):
+        """One pass's merged states (m, du) and anchors (m,)."""
+        cand = (tile.slots >= 0).nonzero()[:, 0]  # (c,) units that are image tokens
+        if not len(cand):  # a crop the model unpads away entirely
+            return tile.states[:0], tile.slots[:0]
+        layer = view.n_tower_layers - 1
+        q, k = tile.qk(layer)  # (T, H, Dh): the last layer's projections
+        q, k = q.flatten(1)[:, None], k.flatten(1)[:, None]  # (T, 1, C) one full-width head
+        windows = tile.windows(layer) if tile.windows else None
+        score = unit_scores(tile, q, k, q.shape[-1] ** -0.5, windows)[cand]  # (c,)
+        features = tile.states[cand]  # (c, du) unit states at the feature layer
+        keys = F.normalize(unit_keys(tile, k[:, 0])[cand], dim=-1)  # (c, C)
+        n = len(cand)
         ratio = outlier_ratio(score) if self.ratio is None else self.ratio
         kept = score.topk(int(n * ratio)).indices  # descending score
         if self.plus and ratio > 0:
@@ -73,7 +87,6 @@ class PruMerge(PreLLMPolicy):
         pruned = torch.ones(n, dtype=torch.bool, device=kept.device)
         pruned[kept] = False
         pruned = pruned.nonzero()[:, 0]  # ascending, as the authors' complement
-        keys = F.normalize(k[1:], dim=-1)  # (n, C)
         order = torch.cat([kept, pruned])  # the candidates' order in their code
         merged = []
         for i in range(len(kept)):
@@ -85,7 +98,7 @@ class PruMerge(PreLLMPolicy):
         if len(pruned):  # one token from all pruned (none left: no extra token, unlike their code's zero vector)
             states.append((features[pruned] * score[pruned, None]).sum(0, keepdim=True))
             anchors.append(pruned[:1])
-        return Reduction(view.project(torch.cat(states)), torch.cat(anchors))  # no outlier: the extra token alone
+        return torch.cat(states), tile.slots[cand[torch.cat(anchors)]]  # no outlier: the extra token alone
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 *dominant* tokens -- those the vision tower's class token attends to most -- and merge the rest
 into a few *contextual* tokens.
 
-Restated from the authors' code (dvlab-research/VisionZip, LLaVA-1.5):
+Restated from the authors' code (dvlab-research/VisionZip, LLaVA-1.5 and LLaVA-NeXT), per tower
+pass (tile):
 - the tower layer whose output is the feature layer gives the attention: its class-token row,
   summed over heads, ranks the patches; the class token itself plus the top `dominant - 1`
   patches are the dominant tokens, in original order (the class token's state enters the decoder,
@@ -13,8 +14,14 @@ Restated from the authors' code (dvlab-research/VisionZip, LLaVA-1.5):
   plus the mean of the states that joined it;
 - merging happens on the tower's states at the feature layer, then the projector maps dominant and
   contextual tokens to the decoder; they enter the decoder dominant first, then contextual.
-Needs a vision tower with a class token and exposed attention (LLaVA-1.5 here); other families are
-refused with one line (docs/methods.md)."""
+LLaVA-NeXT / OneVision (their NeXT code): every pass -- the base image and each crop -- keeps
+`dominant + contextual` tokens; the base image's come first, then the crops' dominant patches in the
+crop grid's raster order (newlines dropped), then the crops' class tokens, then their contextual
+tokens. Crop patches the model unpads away are no candidates (they show padding), and a crop with
+fewer patches keeps what it has.
+Towers without a class token (OneVision's SigLIP, Qwen2-VL): the top `dominant` units by attention
+received (policies/tower.py); Qwen2-VL's unit is a merged 2x2 token, its key the mean of its
+patches' keys (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -24,12 +31,7 @@ import torch
 
 from ..errors import PolicySpecError
 from .base import PreLLMPolicy, Reduction
-
-
-def _check_tower(name: str, view) -> None:
-    if view.qk is None or view.hidden is None or not view.has_cls:
-        raise PolicySpecError(f"{name} needs a vision tower with a class token whose attention dyrate can read "
-                              "(LLaVA-1.5 checkpoints); this model's tower has none")
+from .tower import check_tower, unit_keys, unit_scores
 
 
 @dataclass(frozen=True)
@@ -44,42 +46,55 @@ class VisionZip(PreLLMPolicy):
         if self.dominant < 1 or self.contextual < 0:
             raise PolicySpecError(f"{self.spec()}: dominant must be >= 1 (it counts the class token) and contextual >= 0")
 
-
     def reduce(self, view) -> Reduction:
-        _check_tower(self.spec(), view)
-        n = view.n  # patches; the tower's states hold the class token at 0 besides
-        if self.dominant - 1 + self.contextual > n:
-            raise PolicySpecError(f"{self.spec()}: keeps {self.dominant - 1 + self.contextual} patch tokens, "
-                                  f"more than the image's {n}")
-        q, k = view.qk(view.feature_layer)  # (T, H, Dh) each, T = n + 1
-        scale = q.shape[-1] ** -0.5
-        attn = torch.einsum("hd,thd->ht", q[0], k).mul(scale).softmax(-1)  # (H, T): the class token's row
-        cls_attn = attn[:, 1:].sum(0)  # (n,)
-        top = cls_attn.topk(self.dominant - 1).indices + 1  # tower indices of the dominant patches
-        dominant = torch.cat([top.new_zeros(1), top]).sort().values  # class token first, original order
-        rest = torch.ones(n + 1, dtype=torch.bool, device=top.device)
-        rest[dominant] = False
-        rest_idx = rest.nonzero()[:, 0]  # (n_rest,) tower indices, original order
-        hidden = view.hidden  # (T, dv)
-        states = [hidden[dominant]]
-        anchors = [(dominant - 1).clamp(min=0)]  # the class token stands at the first patch's place
-        if self.contextual and len(rest_idx):
-            metric = k.mean(1)[rest_idx]  # (n_rest, Dh) keys, mean over heads
-            metric = metric / metric.norm(dim=-1, keepdim=True)
-            step = max(1, len(rest_idx) // self.contextual)
-            targets = torch.arange(0, len(rest_idx), step, device=metric.device)[: self.contextual]
-            is_target = torch.zeros(len(rest_idx), dtype=torch.bool, device=metric.device)
-            is_target[targets] = True
-            others = (~is_target).nonzero()[:, 0]
-            assign = (metric[others] @ metric[targets].T).argmax(-1)  # (n_others,) target of each
-            rest_states = hidden[rest_idx]
-            sums = torch.zeros(len(targets), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-            sums.index_add_(0, assign, rest_states[others])
-            counts = torch.bincount(assign, minlength=len(targets)).clamp(min=1).to(hidden.dtype)[:, None]
-            states.append(rest_states[targets] + sums / counts)
-            anchors.append(rest_idx[targets] - 1)
-        features = view.project(torch.cat(states))  # (m, d)
-        return Reduction(features, torch.cat(anchors))
+        check_tower(self.spec(), view)
+        first = view.tiles[0]
+        patches = self.dominant - int(first.has_cls) + self.contextual
+        if patches > int((first.slots >= 0).sum()):
+            raise PolicySpecError(f"{self.spec()}: keeps {patches} patch tokens, more than the image's "
+                                  f"{int((first.slots >= 0).sum())}")
+        parts = [self._tile(view, tile) for tile in view.tiles]  # (dominant, cls, contextual) each: (states, anchors)
+        base, crops = parts[0], parts[1:]
+        groups = [base[1], base[0], base[2]]  # the class token first, then dominant, then contextual
+        if crops:
+            dom_states = torch.cat([c[0][0] for c in crops])
+            dom_slots = torch.cat([c[0][1] for c in crops])
+            raster = dom_slots.argsort()  # the crops' dominant patches in the crop grid's raster order
+            groups.append((dom_states[raster], dom_slots[raster]))
+            groups += [c[1] for c in crops] + [c[2] for c in crops]
+        states = torch.cat([g[0] for g in groups])
+        return Reduction(view.project(states), torch.cat([g[1] for g in groups]))
+
+    def _tile(self, view, tile):
+        """One pass's ((dominant states, anchors), (class-token state, anchor), (contextual ...))."""
+        cand = (tile.slots >= 0).nonzero()[:, 0]  # (c,) units that are image tokens, original order
+        empty = tile.states[:0], tile.slots[:0]
+        if not len(cand):  # a crop the model unpads away entirely
+            return empty, empty, empty
+        q, k = tile.qk(view.feature_layer)  # (T, H, Dh) each
+        windows = tile.windows(view.feature_layer) if tile.windows else None
+        score = unit_scores(tile, q, k, q.shape[-1] ** -0.5, windows)  # (u,)
+        n_dom = min(self.dominant - int(tile.has_cls), len(cand))
+        top = cand[score[cand].topk(n_dom).indices].sort().values  # dominant units, original order
+        rest = cand[~torch.isin(cand, top)]  # (r,) the others, original order
+        states, slots = tile.states, tile.slots
+        cls = (tile.cls_state[None], slots[cand[:1]]) if tile.has_cls else empty  # at the first patch's place
+        n_ctx = min(self.contextual, len(rest))
+        if not n_ctx:
+            return (states[top], slots[top]), cls, empty
+        metric = unit_keys(tile, k.mean(1))[rest]  # (r, Dh) keys, mean over heads (and a unit's tokens)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        step = max(1, len(rest) // n_ctx)
+        targets = torch.arange(0, len(rest), step, device=metric.device)[:n_ctx]
+        is_target = torch.zeros(len(rest), dtype=torch.bool, device=metric.device)
+        is_target[targets] = True
+        others = (~is_target).nonzero()[:, 0]
+        assign = (metric[others] @ metric[targets].T).argmax(-1)  # (n_others,) target of each
+        rest_states = states[rest]
+        sums = torch.zeros(len(targets), states.shape[-1], dtype=states.dtype, device=states.device)
+        sums.index_add_(0, assign, rest_states[others])
+        counts = torch.bincount(assign, minlength=len(targets)).clamp(min=1).to(states.dtype)[:, None]
+        return (states[top], slots[top]), cls, (rest_states[targets] + sums / counts, slots[rest[targets]])
 
     def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
-        return [self.dominant + self.contextual] * n_layers
+        return [self.dominant + self.contextual] * n_layers  # one tower pass (LLaVA-1.5); NeXT: per pass
