@@ -116,6 +116,9 @@ def test_static_flops(tiny):
     shape = NAMED_SHAPES["llava-1.5-7b"]
     zip64 = policy_flops(shape, "visionzip:dominant=54,contextual=10", 40)
     assert zip64["k"] == 0 and zip64["image_tokens"] == [64] * 32
+    # LLaVA-NeXT's stated 672x672 image: the base image and 4 crops, 64 tokens each pass
+    assert policy_flops(NAMED_SHAPES["llava-next-7b"], "visionzip", 40)["image_tokens"] == [5 * 64] * 32
+    assert policy_flops(NAMED_SHAPES["llava-onevision-7b"], "visionzip", 40)["image_tokens"] == [2 * 64] * 28
     with pytest.raises(PolicySpecError, match="depend on the data"):
         policy_flops(shape, "prumerge", 40)
 

@@ -52,6 +52,7 @@ class DecoderShape:
     head_dim: int
     n_img: int
     vocab: int | None = None
+    passes: int = 1  # vision-tower passes per image at the stated resolution (LLaVA-NeXT: base image + crops)
 
     def __post_init__(self):
         for field in ("n_layers", "hidden", "ffn", "n_heads", "n_kv_heads", "head_dim", "n_img"):
@@ -138,12 +139,12 @@ NAMED_SHAPES: dict[str, DecoderShape] = {
     # llava-v1.6-vicuna-7b: a 672x672 image -> base 24x24 + a 2x2 crop grid (48x48) + 48 newlines.
     "llava-next-7b": DecoderShape(
         "llava-next-7b", n_layers=32, hidden=4096, ffn=11008, n_heads=32, n_kv_heads=32,
-        head_dim=128, n_img=576 + 48 * 48 + 48, vocab=32064,
+        head_dim=128, n_img=576 + 48 * 48 + 48, vocab=32064, passes=5,
     ),
     # llava-onevision-qwen2-7b: a 384x384 image -> base 27x27 + one crop (27x27) + 27 newlines.
     "llava-onevision-7b": DecoderShape(
         "llava-onevision-7b", n_layers=28, hidden=3584, ffn=18944, n_heads=28, n_kv_heads=4,
-        head_dim=128, n_img=729 + 729 + 27, vocab=152128,
+        head_dim=128, n_img=729 + 729 + 27, vocab=152128, passes=2,
     ),
 }
 
@@ -385,7 +386,8 @@ def policy_flops(
 
     policy = parse_policy(policy_spec)
     policy.validate(shape.n_layers)
-    counts = policy.static_image_tokens(shape.n_img, shape.n_layers)
+    counts = (policy.static_image_tokens(shape.n_img, shape.n_layers, passes=shape.passes) if policy.pre_llm
+              else policy.static_image_tokens(shape.n_img, shape.n_layers))
     if counts is None:
         raise PolicySpecError(
             f"{policy.spec()}: its FLOPs depend on the data; run it with `dyrate generate --json` "

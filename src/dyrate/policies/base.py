@@ -241,3 +241,8 @@ class PreLLMPolicy(Policy):
     @abc.abstractmethod
     def reduce(self, view) -> Reduction:
         """The tokens that replace one image (`view`: adapters.vision.ImageView)."""
+
+    def static_image_tokens(self, n_img: int, n_layers: int, passes: int = 1) -> list[int] | None:
+        """As `Policy.static_image_tokens`, for an image the vision tower sees in `passes` passes
+        (the base image and its anyres crops); None where the count depends on the image."""
+        return None

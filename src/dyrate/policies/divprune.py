@@ -57,5 +57,5 @@ class DivPrune(PreLLMPolicy):
         index = max_min_subset(view.features, k).sort().values  # original order
         return Reduction(view.features[index], index)
 
-    def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
+    def static_image_tokens(self, n_img: int, n_layers: int, passes: int = 1) -> list[int]:
         return [keep_count(self.r, n_img)] * n_layers

@@ -55,7 +55,7 @@ class PruMerge(PreLLMPolicy):
             raise PolicySpecError(f"{self.spec()}: ratio (the kept fraction) must lie in (0, 1]")
 
 
-    def static_image_tokens(self, n_img: int, n_layers: int) -> list[int] | None:
+    def static_image_tokens(self, n_img: int, n_layers: int, passes: int = 1) -> list[int] | None:
         return None  # the adaptive count depends on the image
 
     def reduce(self, view) -> Reduction:

@@ -96,5 +96,5 @@ class VisionZip(PreLLMPolicy):
         counts = torch.bincount(assign, minlength=len(targets)).clamp(min=1).to(states.dtype)[:, None]
         return (states[top], slots[top]), cls, (rest_states[targets] + sums / counts, slots[rest[targets]])
 
-    def static_image_tokens(self, n_img: int, n_layers: int) -> list[int]:
-        return [self.dominant + self.contextual] * n_layers  # one tower pass (LLaVA-1.5); NeXT: per pass
+    def static_image_tokens(self, n_img: int, n_layers: int, passes: int = 1) -> list[int]:
+        return [min(n_img, passes * (self.dominant + self.contextual))] * n_layers  # per tower pass
