@@ -402,6 +402,9 @@ def test_tower_methods_equal_the_reference(family, pictures, windowed):
             batch = encode(processor, [picture], ["Hi"], "cpu")
             with torch.no_grad():
                 [view] = adapter_for(model).image_views(batch.vision)
+                [plain] = adapter_for(model).image_views(batch.vision, tower=False)  # DivPrune's: no tiles
+                assert not plain.tiles and view.tiles
+                torch.testing.assert_close(plain.features, view.features)
                 if windowed:
                     assert view.tiles[0].windows(view.feature_layer) is not None
                 for spec in TOWER_SPECS:

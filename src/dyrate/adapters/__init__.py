@@ -35,6 +35,10 @@ class ModelAdapter(Protocol):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, q) ids -> (B, q, d)."""
 
+    def image_views(self, vision: Mapping[str, torch.Tensor], tower: bool = True) -> list:
+        """One `adapters.vision.ImageView` per image, in order, for a pre-LLM policy; with `tower`
+        its tiles (the vision tower's passes) where the family exposes them."""
+
     def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision) -> torch.Tensor:
         """RoPE positions of the prompt: (A, B, P) long, A axes (1, or 3 for M-RoPE)."""
 

@@ -62,9 +62,10 @@ class DecoderAdapter(abc.ABC):
     def _image_features(self, vision: Vision):
         """One (n_i, d) decoder-ready feature tensor per image of the batch, in order."""
 
-    def image_views(self, vision: Vision) -> list:
-        """One `ImageView` per image of the batch, in order (pre-LLM reduction). Default: the
-        decoder-ready features only (no vision-tower internals)."""
+    def image_views(self, vision: Vision, tower: bool = True) -> list:
+        """One `ImageView` per image of the batch, in order (pre-LLM reduction); `tower=False`: the
+        decoder-ready features only, no tiles (a policy that does not read the tower). Default:
+        the features only (no vision-tower internals)."""
         from .vision import ImageView
 
         return [ImageView(f) for f in self._image_features(vision)]

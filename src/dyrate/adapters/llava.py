@@ -62,10 +62,10 @@ class _TowerViews:
 
 
 class LlavaAdapter(_TowerViews, DecoderAdapter):
-    def image_views(self, vision: Vision) -> list[ImageView]:
+    def image_views(self, vision: Vision, tower: bool = True) -> list[ImageView]:
         """One view per image: one tile (the CLIP-style tower's pass over the image); the features
         are the projector's of that same pass, as get_image_features computes them."""
-        got = self._tower_states(vision["pixel_values"])
+        got = self._tower_states(vision["pixel_values"]) if tower else None
         if got is None:
             return [ImageView(f) for f in self._image_features(vision)]
         states, layers = got
@@ -131,9 +131,11 @@ class LlavaNextAdapter(_TowerViews, DecoderAdapter):
             out.append(slots.view(p, per_pass))
         return out
 
-    def image_views(self, vision: Vision) -> list[ImageView]:
+    def image_views(self, vision: Vision, tower: bool = True) -> list[ImageView]:
         """One view per image; one tile per tower pass (base image first, then the crops)."""
         feats = list(self._image_features(vision))  # (n_i, d) per image
+        if not tower:
+            return [ImageView(f) for f in feats]
         pixels = vision["pixel_values"]
         passes = self._passes(vision)
         if pixels.dim() == 5:  # (images, max passes, C, H, W) -> the passes, in order

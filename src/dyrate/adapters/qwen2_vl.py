@@ -48,11 +48,13 @@ class Qwen2VLAdapter(DecoderAdapter):
         return out
 
     # ------------------------------------------------------------------ pre-LLM views
-    def image_views(self, vision: Vision) -> list[ImageView]:
+    def image_views(self, vision: Vision, tower: bool = True) -> list[ImageView]:
         """One view per image, one tile: the tower's q / k of each block (read from the block's
         attention inputs with forward pre-hooks, removed on return; after the 2-D rotary, back in
         the processor's patch order where Qwen2.5-VL's windows reorder them), the merger's input
         per merged token (`ln_q` of its 2x2 patches, concatenated) and the merger's MLP."""
+        if not tower:
+            return super().image_views(vision, tower)
         visual = self.model.model.visual
         grid = vision["image_grid_thw"]  # (N, 3)
         seen: dict[int, tuple] = {}

@@ -23,7 +23,7 @@ def shrink_prompt(adapter: ModelAdapter, policy: PreLLMPolicy, input_ids: torch.
     """input_ids, attention_mask: (B, P) left padded. Returns the new ids and mask (B, P'), positions
     (A, B, P'), input embeddings (B, P', d), each row's image tokens before reduction (B,) and each
     image's tokens after it (in batch order)."""
-    views = adapter.image_views(vision)
+    views = adapter.image_views(vision, tower=policy.reads_tower)
     reductions = [policy.reduce(view) for view in views]
     for view, red in zip(views, reductions):
         if red.features.shape[0] < 1:

@@ -231,6 +231,7 @@ class PreLLMPolicy(Policy):
     and call `super().__post_init__()` from their own."""
 
     pre_llm = True
+    reads_tower = False  # True: `reduce` reads the vision tower (ImageView.tiles), not only the features
 
     def __post_init__(self):
         check_positions(self)

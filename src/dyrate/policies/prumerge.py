@@ -45,6 +45,7 @@ class PruMerge(PreLLMPolicy):
     ratio: float | None = None  # kept fraction; None: adaptive (IQR outliers)
     positions: str | None = None  # renumber | keep (None: renumber on 1-D RoPE, keep on M-RoPE)
     name = "prumerge"
+    reads_tower = True
     plus = False
 
     def __post_init__(self):

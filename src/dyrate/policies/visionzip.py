@@ -40,6 +40,7 @@ class VisionZip(PreLLMPolicy):
     contextual: int = 10
     positions: str | None = None  # renumber | keep (None: renumber on 1-D RoPE, keep on M-RoPE)
     name = "visionzip"
+    reads_tower = True
 
     def __post_init__(self):
         super().__post_init__()
