@@ -2,7 +2,8 @@
 the way a user runs them), side by side: in each repeat every policy runs the whole workload, in an
 order that rotates from repeat to repeat (so drift in the machine's speed hits every policy alike);
 the figure is the median over repeats of the workload's time divided by its rows, and the ratio
-to the first policy's; beside it the paired ratios (per repeat, the time over the first policy's
+to the first policy's (`--interleave batch`: the policies take turns on every batch instead, so a
+repeat's times are paired batch by batch); beside it the paired ratios (per repeat, the time over the first policy's
 in the same repeat: median, min and max). Also the mean and peak KV-cache bytes per row (dyrate.generate's kv_bytes).
 The last line of the output is one JSON object.
 
@@ -55,6 +56,24 @@ def run_policy(model, processor, work, policy: str, mode: str, batch: int) -> tu
     return time.perf_counter() - start, results
 
 
+def run_interleaved(model, processor, work, specs: list[str], mode: str, batch: int, offset: int):
+    """Every policy runs each batch of the workload in turn, the order rotating from batch to batch:
+    ({spec: seconds for the whole workload}, {spec: results}). Pairs at the batch level (a second
+    or so), so the machine's drift cancels within far shorter spans than whole-workload repeats."""
+    seconds = {s: 0.0 for s in specs}
+    results = {s: [] for s in specs}
+    j = offset
+    for task, images, prompts in work:
+        for i in range(0, len(prompts), batch):
+            for spec in specs[j % len(specs):] + specs[: j % len(specs)]:
+                start = time.perf_counter()
+                results[spec] += generate(model, processor, images[i:i + batch], prompts[i:i + batch], policy=spec,
+                                          mode=mode, max_new_tokens=DEFAULT_MAX_NEW_TOKENS[task])
+                seconds[spec] += time.perf_counter() - start
+            j += 1
+    return seconds, results
+
+
 def paired_ratios(times: list[float], ref: list[float]) -> list[float]:
     """Per repeat, a policy's time over the reference's in the same repeat: every policy runs once
     per repeat, so the machine's slow drift cancels within a pair (the median of these is less
@@ -73,6 +92,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--interleave", choices=("workload", "batch"), default="workload",
+                    help="workload: each policy runs the whole workload in turn per repeat; batch: the "
+                         "policies take turns on every batch (finer pairing, less drift)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,9 +109,14 @@ def main() -> None:
         for spec in specs:  # warm-up
             run_policy(model, processor, work[:1], spec, args.mode, args.batch_size)
         for r in range(args.repeats):
-            order = specs[r % len(specs):] + specs[: r % len(specs)]
-            for spec in order:
-                seconds, results = run_policy(model, processor, work, spec, args.mode, args.batch_size)
+            if args.interleave == "batch":
+                done = run_interleaved(model, processor, work, specs, args.mode, args.batch_size, r)
+            else:
+                done = ({}, {})
+                for spec in specs[r % len(specs):] + specs[: r % len(specs)]:
+                    done[0][spec], done[1][spec] = run_policy(model, processor, work, spec, args.mode, args.batch_size)
+            for spec in specs:
+                seconds, results = done[0][spec], done[1][spec]
                 times[spec].append(seconds)
                 print(f"repeat {r + 1}/{args.repeats} {spec}: {1000 * seconds / n_rows:.1f} ms/row", file=sys.stderr)
                 kv[spec] = {k: statistics.mean(x.kv_bytes[k] for x in results) for k in ("mean", "peak")}
@@ -111,7 +138,8 @@ def main() -> None:
               f"{100 * retained[spec]:.1f} |")
     cond = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "dtype": str(next(model.parameters()).dtype), "mode": args.mode, "batch": args.batch_size,
-            "rows": {t: len(p) for t, _, p in work}, "repeats": args.repeats, "torch": torch.__version__}
+            "rows": {t: len(p) for t, _, p in work}, "repeats": args.repeats, "interleave": args.interleave,
+            "torch": torch.__version__}
     print(f"\nconditions: {cond}")
     print(json.dumps({"conditions": cond, "rows": rows}))
 

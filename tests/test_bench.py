@@ -121,8 +121,10 @@ def test_cli_bench_bad_input(args, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-def test_workload_time_script(tiny_dir, tmp_path):
-    """benchmarks/workload_time.py runs end to end on a tiny model and ends with its JSON line."""
+@pytest.mark.parametrize("interleave", ["workload", "batch"])
+def test_workload_time_script(tiny_dir, tmp_path, interleave):
+    """benchmarks/workload_time.py runs end to end on a tiny model and ends with its JSON line,
+    with whole-workload or batch-by-batch turns."""
     import subprocess
     import sys
     from pathlib import Path
@@ -133,12 +135,13 @@ def test_workload_time_script(tiny_dir, tmp_path):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "workload_time.py"
     run = subprocess.run([sys.executable, str(script), "--model", str(tiny_dir), "--data", str(tmp_path / "data"),
                           "--policies", "none;fastv:k=2,r=0.75", "--captions", "2", "--questions", "2",
-                          "--batch-size", "2", "--repeats", "2", "--threads", "1"],
+                          "--batch-size", "2", "--repeats", "2", "--threads", "1", "--interleave", interleave],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     none, fastv = result["rows"]
     assert result["conditions"]["rows"] == {"caption": 2, "vqa": 2, "pope": 2} and none["time_ratio"] == 1.0
+    assert result["conditions"]["interleave"] == interleave
     assert len(none["times_s"]) == 2 and fastv["kv_mean"] < none["kv_mean"] and fastv["retained"] == pytest.approx(0.25)
     assert none["paired_ratios"] == [1.0, 1.0]
     assert fastv["paired_ratios"] == pytest.approx([a / b for a, b in zip(fastv["times_s"], none["times_s"])])
