@@ -5,6 +5,7 @@ Qwen2-VL); batch rows equal rows alone; multi-image prompts; bad inputs are one 
 
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 from PIL import Image
@@ -432,6 +433,22 @@ def test_tower_methods_rows_equal_rows_alone(family, pictures, spec):
             batch = encode(processor, pictures[i:i + 1], ["Hi"], "cpu")
             [view] = adapter_for(model).image_views(batch.vision)
             assert alone.trace[0]["kept"][0] == 3 * len(view.tiles)
+
+
+def test_tower_methods_from_the_cli(family, tmp_path, capsys):
+    """`dyrate generate --policy visionzip|prumerge+` on each saved checkpoint: the JSON reports the
+    reduced image."""
+    from dyrate.cli import main
+
+    _, path, *_ = family
+    image = tmp_path / "a.png"
+    Image.new("RGB", (96, 64), "red").save(image)
+    for spec in ("visionzip:dominant=2,contextual=1", "prumerge+"):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(path), "--image", str(image), "--prompt", "What?", "--policy", spec,
+                     "--max-new-tokens", "2", "--json"]) == 0
+        [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        assert 0 < row["retained"] < 1, spec
 
 
 def test_tower_methods_refuse_with_one_line(family, pictures):
