@@ -110,17 +110,19 @@ class LlavaNextAdapter(_TowerViews, DecoderAdapter):
                                           patch_size=self.config.vision_config.image_size) if p else 1
                 for s, p in zip(sizes, patching)]
 
+    def _pack(self, per_image: list[torch.Tensor], vision: Vision, newline: torch.Tensor) -> list[torch.Tensor]:
+        """The model's own `pack_image_features` on (passes, per_pass, c) tensors, one per image."""
+        kwargs = ({"vision_aspect_ratio": self.config.vision_aspect_ratio} if hasattr(self.config, "vision_aspect_ratio")
+                  else {"vision_feature_select_strategy": self.config.vision_feature_select_strategy})
+        return self.model.model.pack_image_features(per_image, vision["image_sizes"], image_newline=newline, **kwargs)[0]
+
     def _slots(self, vision: Vision, passes: list[int], per_pass: int) -> list[torch.Tensor | None]:
         """Per image, (passes, per_pass) long: the image token each tower patch becomes (-1: dropped
         by unpadding), from the model's own packing run on patch numbers; None where the packing
         resamples the crops (OneVision anyres_max)."""
         numbers = [torch.arange(p * per_pass, dtype=torch.float64).view(p, per_pass, 1) for p in passes]
-        newline = torch.tensor([-1.0], dtype=torch.float64)
-        kwargs = ({"vision_aspect_ratio": self.config.vision_aspect_ratio} if hasattr(self.config, "vision_aspect_ratio")
-                  else {"vision_feature_select_strategy": self.config.vision_feature_select_strategy})
-        packed, _ = self.model.model.pack_image_features(numbers, vision["image_sizes"], image_newline=newline, **kwargs)
         out = []
-        for p, values in zip(passes, packed):
+        for p, values in zip(passes, self._pack(numbers, vision, torch.tensor([-1.0], dtype=torch.float64))):
             values = values[:, 0]  # (n,) a patch number per image token, -1 for a newline
             if not torch.equal(values, values.round()):
                 out.append(None)
@@ -132,20 +134,24 @@ class LlavaNextAdapter(_TowerViews, DecoderAdapter):
         return out
 
     def image_views(self, vision: Vision, tower: bool = True) -> list[ImageView]:
-        """One view per image; one tile per tower pass (base image first, then the crops)."""
-        feats = list(self._image_features(vision))  # (n_i, d) per image
-        if not tower:
-            return [ImageView(f) for f in feats]
-        pixels = vision["pixel_values"]
-        passes = self._passes(vision)
-        if pixels.dim() == 5:  # (images, max passes, C, H, W) -> the passes, in order
-            pixels = torch.cat([px[:p] for px, p in zip(pixels, passes)])
-        got = self._tower_states(pixels)
+        """One view per image; one tile per tower pass (base image first, then the crops). With
+        `tower`, one tower run gives both: the features are packed from its states as the model's
+        get_image_features packs them (projector, then the model's `pack_image_features`)."""
+        got = None
+        if tower:
+            pixels = vision["pixel_values"]
+            passes = self._passes(vision)
+            if pixels.dim() == 5:  # (images, max passes, C, H, W) -> the passes, in order
+                pixels = torch.cat([px[:p] for px, p in zip(pixels, passes)])
+            got = self._tower_states(pixels)
         if got is None:
-            return [ImageView(f) for f in feats]
+            return [ImageView(f) for f in self._image_features(vision)]
         states, layers = got
         has_cls = self.config.vision_feature_select_strategy == "default"
         per_pass = states[0].shape[1] - int(has_cls)
+        selected = states[self.config.vision_feature_layer % (len(layers) + 1)]  # (N, T, dv) the feature layer
+        projected = self.model.model.multi_modal_projector(selected[:, 1:] if has_cls else selected)
+        feats = self._pack(list(projected.split(passes)), vision, self.model.model.image_newline)
         views, start = [], 0
         for f, p, slots in zip(feats, passes, self._slots(vision, passes, per_pass)):
             tiles = None if slots is None else self._tiles(states, layers, range(start, start + p), list(slots))

@@ -6,7 +6,7 @@ authors' rule, LLaVA-1.5's CLIP); where it has none (SigLIP on OneVision, Qwen2-
 authors' code has no rule, and dyrate uses the attention the patch *receives*, averaged over every
 query of the tile -- the same quantity the class-token row measures, without the class token. A
 unit's score is the sum over its tower tokens (Qwen2-VL: its 2x2 patches). Attention stays within a
-window where the layer is windowed (Qwen2.5-VL). docs/methods.md, "Towers without a class token"."""
+window where the layer is windowed (Qwen2.5-VL). docs/methods.md, "Vision towers: crops and no class token"."""
 
 from __future__ import annotations
 
