@@ -45,10 +45,13 @@ class _TowerViews:
         out = tower(pixels.to(self.model.dtype), output_hidden_states=True)
         return out.hidden_states, tower.encoder.layers  # (n_layers + 1) x (N, T, dv): embeddings, then each layer
 
+    def _feature_layer(self, n_layers: int) -> int:
+        """The 0-based tower layer whose output the features are (`states[i + 1]`)."""
+        return self.config.vision_feature_layer % (n_layers + 1) - 1
+
     def _tiles(self, states, layers, rows: range, slots: list[torch.Tensor]) -> list[Tile]:
         """One tile per tower pass in `rows`; slots[j]: (u,) image token of each patch of pass rows[j]."""
-        feature_layer = self.config.vision_feature_layer % (len(layers) + 1) - 1
-        hidden = states[feature_layer + 1]  # (N, T, dv)
+        hidden = states[self._feature_layer(len(layers)) + 1]  # (N, T, dv)
         has_cls = self.config.vision_feature_select_strategy == "default"
         return [Tile(hidden[r, 1:] if has_cls else hidden[r], s, _clip_qk(layers, states, r),
                      hidden[r, 0] if has_cls else None) for r, s in zip(rows, slots)]
@@ -57,8 +60,7 @@ class _TowerViews:
         if tiles is None:
             return ImageView(features)
         n_layers = len(layers)
-        return ImageView(features, tiles, n_layers, self.config.vision_feature_layer % (n_layers + 1) - 1,
-                         self.model.model.multi_modal_projector)
+        return ImageView(features, tiles, n_layers, self._feature_layer(n_layers), self.model.model.multi_modal_projector)
 
 
 class LlavaAdapter(_TowerViews, DecoderAdapter):
@@ -149,7 +151,7 @@ class LlavaNextAdapter(_TowerViews, DecoderAdapter):
         states, layers = got
         has_cls = self.config.vision_feature_select_strategy == "default"
         per_pass = states[0].shape[1] - int(has_cls)
-        selected = states[self.config.vision_feature_layer % (len(layers) + 1)]  # (N, T, dv) the feature layer
+        selected = states[self._feature_layer(len(layers)) + 1]  # (N, T, dv) the feature layer
         projected = self.model.model.multi_modal_projector(selected[:, 1:] if has_cls else selected)
         feats = self._pack(list(projected.split(passes)), vision, self.model.model.image_newline)
         views, start = [], 0
