@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--replot", action="store_true", help="only redraw OUT/pareto.png from OUT/table.json")
     args = ap.parse_args()
+    if not args.replot and (args.captions < 1 or args.questions < 1):
+        sys.exit(f"--captions {args.captions} --questions {args.questions}: the table needs >= 1 row of each "
+                 "(time captions or questions alone with benchmarks/workload_time.py)")
     if args.replot:
         plot(json.loads((Path(args.out) / "table.json").read_text())["rows"], Path(args.out) / "pareto.png")
         return

@@ -121,10 +121,11 @@ def test_cli_bench_bad_input(args, capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("interleave", ["workload", "batch"])
-def test_workload_time_script(tiny_dir, tmp_path, interleave):
+@pytest.mark.parametrize("interleave,pope", [("workload", None), ("batch", "random,adversarial")])
+def test_workload_time_script(tiny_dir, tmp_path, interleave, pope):
     """benchmarks/workload_time.py runs end to end on a tiny model and ends with its JSON line,
-    with whole-workload or batch-by-batch turns."""
+    with whole-workload or batch-by-batch turns, the captions' and questions' times apart (they add
+    up to the whole), one POPE split or several."""
     import subprocess
     import sys
     from pathlib import Path
@@ -135,16 +136,37 @@ def test_workload_time_script(tiny_dir, tmp_path, interleave):
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "workload_time.py"
     run = subprocess.run([sys.executable, str(script), "--model", str(tiny_dir), "--data", str(tmp_path / "data"),
                           "--policies", "none;fastv:k=2,r=0.75", "--captions", "2", "--questions", "2",
-                          "--batch-size", "2", "--repeats", "2", "--threads", "1", "--interleave", interleave],
+                          "--batch-size", "2", "--repeats", "2", "--threads", "1", "--interleave", interleave,
+                          *(["--pope", pope] if pope else [])],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     none, fastv = result["rows"]
-    assert result["conditions"]["rows"] == {"caption": 2, "vqa": 2, "pope": 2} and none["time_ratio"] == 1.0
+    splits = pope.split(",") if pope else ["adversarial"]
+    assert result["conditions"]["rows"] == {"captions": 2, "vqa": 2, **{f"pope_{s}": 2 for s in splits}}
+    assert none["time_ratio"] == 1.0
+    for row in (none, fastv):
+        assert set(row["parts"]) == {"captions", "questions"}
+        parts = [row["parts"]["captions"]["times_s"], row["parts"]["questions"]["times_s"]]
+        assert [a + b for a, b in zip(*parts)] == pytest.approx(row["times_s"])
     assert result["conditions"]["interleave"] == interleave
     assert len(none["times_s"]) == 2 and fastv["kv_mean"] < none["kv_mean"] and fastv["retained"] == pytest.approx(0.25)
     assert none["paired_ratios"] == [1.0, 1.0]
     assert fastv["paired_ratios"] == pytest.approx([a / b for a, b in zip(fastv["times_s"], none["times_s"])])
+
+
+@pytest.mark.parametrize("args", [["--pope", "adversarial,bogus"], ["--pope", "random,random"],
+                                  ["--captions", "0", "--questions", "0"]])
+def test_workload_time_bad_input(tmp_path, args):
+    """Bad workload options are refused with one line, before any model loads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "workload_time.py"
+    run = subprocess.run([sys.executable, str(script), "--data", str(tmp_path), "--policies", "none", *args],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and len(run.stderr.strip().splitlines()) == 1, run.stderr
 
 
 def test_pareto_time_kv_script(tmp_path):

@@ -364,6 +364,16 @@ def test_cap_and_every(tiny, images, prompts, tmp_path):
         assert decided == [t for t in range(len(res.trace)) if t % 3 == 0]
         [same] = run(tiny, images[i:], prompts[i:], as_progressive(res.trace), n=1, max_new_tokens=12)
         assert same.token_ids == res.token_ids and [e["kept"] for e in same.trace] == [e["kept"] for e in res.trace]
+    # between decisions the engine does not ask the policy (decides_at): the predictor runs only at
+    # the decided steps, also when its features read the share vector (no probe between)
+    for features in (("hidden", "step"), ("shares", "hidden")):
+        p = new_predictor("mlp", k=K, model=tiny[0], features=features, seed=7, rank="prefill", decide="shrink")
+        pol = parse_policy(f"dyrate:k={K},predictor={write(p, tmp_path / 'c.safetensors')},every=3")
+        calls, real_step = [], pol.net.step
+        pol.net.step = lambda x, st: calls.append(x.shape[0]) or real_step(x, st)
+        [res] = run(tiny, images, prompts, pol, n=1, max_new_tokens=12)
+        assert len(calls) == len([t for t in range(len(res.trace)) if t % 3 == 0]) and len(res.trace) > 6
+        assert pol.decides_at(3) and not pol.decides_at(4)
     for bad, match in (("cap=0", "cap="), ("cap=1.5", "cap="), ("every=0", "every=")):
         with pytest.raises(PolicySpecError, match=match):
             parse_policy(f"dyrate:predictor={spath},{bad}")

@@ -307,8 +307,8 @@ def test_resume_after_crash_and_truncated_line(tmp_path, data_dir, tiny, monkeyp
     real = dyrate.api.generate
 
     def counting(model_, processor_, images_, prompts_, **kw):
-        if "policy" in kw:  # not the untimed warm-up call
-            calls.append((len(prompts_), kw["policy"]))
+        if "policy" in kw:  # not the untimed warm-up call (the runner hands in Policy objects, parsed once)
+            calls.append((len(prompts_), kw["policy"].spec()))
         return real(model_, processor_, images_, prompts_, **kw)
 
     monkeypatch.setattr(dyrate.api, "generate", counting)

@@ -43,6 +43,7 @@ def test_kept_set_follows_the_schedule_without_a_decode_probe(tiny, images, prom
             assert (e["rate"][0] is None) == (e["step"] not in rates)
     assert parse_policy("progressive:k=2,0=0.5").static_image_tokens(10, 4) == [10, 10, 5, 5]
     assert parse_policy(spec).spec() == spec
+    assert [policy.decides_at(t) for t in range(1, 8)] == [t in rates for t in range(1, 8)]  # the engine asks only then
 
 
 @pytest.mark.parametrize("spec,match", [

@@ -161,7 +161,8 @@ class Engine:
         pos_emb = a.rotary(hidden, position_ids)
         probed = None
         for s, seg in enumerate(state.segments):
-            if probed is not None or (s > 0 and self.decides_at_decode):  # stage s may change its kept set
+            if probed is not None or (s > 0 and self.decides_at_decode and self.policy.decides_at(state.step)):
+                # stage s may change its kept set
                 self._decide(state, s, probed.row if probed is not None else None, hidden[:, -1], record)
             seg.append(new_col)
             hidden, probed = self._run_layers(state, seg, hidden, q=1, record=record, s=s, pos=(position_ids, pos_emb))
@@ -187,7 +188,8 @@ class Engine:
 
     def _wants_probe(self, state: DecodeState, s: int) -> bool:
         """Does the segment after segment s need a probe of this step?"""
-        return s + 1 < len(self.bounds) and (state.step == 0 or self.policy.decode_probe)
+        return s + 1 < len(self.bounds) and (
+            state.step == 0 or (self.policy.decode_probe and self.policy.decides_at(state.step)))
 
     def _run_layers(self, state: DecodeState, seg: Segment, hidden: torch.Tensor, q: int, record, s: int, pos=None):
         """Run the layers of `seg` on its last q slots. Returns the hidden states (B, q, d) and, if the

@@ -280,6 +280,9 @@ def _generate_all(model, processor, plan: Plan, state, logger: "_Log", on_batch)
         dynamic_ncols=True,
     )
     n_done = 0
+    from ..policies import parse_policy
+
+    built = {p: parse_policy(p) for p in plan.policies}  # once per run: a predictor file is read once, not per batch
     if todo:
         _warm_up(generate, model, processor, todo[0][0], config, DyrateError)
     with SampleWriter(target) as writer:
@@ -300,7 +303,7 @@ def _generate_all(model, processor, plan: Plan, state, logger: "_Log", on_batch)
                 if not rows:
                     continue
                 for row, sample in _generate_rows(
-                    generate, model, processor, rows, images, policy, config, DyrateError
+                    generate, model, processor, rows, images, policy, config, DyrateError, built[policy]
                 ):
                     if sample.get("error"):
                         logger.problem(f"row {row.id!r}, policy {policy}: {sample['error']}")
@@ -330,9 +333,10 @@ def _barrier(state) -> None:
         state.wait_for_everyone()
 
 
-def _generate_rows(generate, model, processor, rows, images, policy, config, error_type):
-    """[(row, sample)] for one policy over some rows: one batched call; if it fails on bad input,
-    row by row so that only the offending rows get an error sample."""
+def _generate_rows(generate, model, processor, rows, images, policy, config, error_type, built=None):
+    """[(row, sample)] for one policy (its spec; `built`: the Policy object, if parsed already) over
+    some rows: one batched call; if it fails on bad input, row by row so that only the offending rows
+    get an error sample."""
     try:
         t0 = time.perf_counter()
         results = generate(
@@ -340,7 +344,7 @@ def _generate_rows(generate, model, processor, rows, images, policy, config, err
             processor,
             [images[r.key] for r in rows],
             [config.prompt_for(r) for r in rows],
-            policy=policy,
+            policy=built if built is not None else policy,
             mode=config.mode,
             max_new_tokens=config.max_new_tokens,
             **config.decoding,
@@ -352,7 +356,7 @@ def _generate_rows(generate, model, processor, rows, images, policy, config, err
             return [(rows[0], _error_sample(rows[0], policy, config.mode, str(err)))]
     out = []
     for r in rows:
-        out += _generate_rows(generate, model, processor, [r], images, policy, config, error_type)
+        out += _generate_rows(generate, model, processor, [r], images, policy, config, error_type, built)
     return out
 
 

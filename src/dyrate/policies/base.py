@@ -170,6 +170,11 @@ class Policy(abc.ABC):
     def keep(self, stage: int, probe: Probe, state: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Target image-token count per row (B,) long for `stage`, or None to leave the kept set as it is."""
 
+    def decides_at(self, step: int) -> bool:
+        """May the policy change its kept set at decode step `step` (>= 1)? False lets the engine skip
+        that step's probe and decision (`keep` would return None there). Default: every step."""
+        return True
+
     def scores(self, stage: int, probe: Probe, state: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, S) ranking scores of the image slots: the engine keeps the highest `keep` of each row.
         Default: the probe's attention (FastV's criterion). Only candidate slots are ranked."""

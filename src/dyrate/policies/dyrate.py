@@ -120,6 +120,9 @@ class DyRate(Policy):
                 f"this model gives {int(probe.n_img.max())}"
             )
 
+    def decides_at(self, step: int) -> bool:
+        return self.every is None or step % self.every == 0  # between decisions: no probe, no predictor
+
     def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
         if probe.step == 0:
             self._check_n_img(probe)

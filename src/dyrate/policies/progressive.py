@@ -40,6 +40,9 @@ class Progressive(Policy):
         rate = dict(self.steps).get(probe.step)
         return None if rate is None else keep_counts(rate, probe.n_img)  # only at the schedule's steps
 
+    def decides_at(self, step: int) -> bool:
+        return step in dict(self.steps)
+
     def scores(self, stage: int, probe: Probe, state) -> torch.Tensor:
         return prefill_ranking(probe, state)
 
