@@ -126,8 +126,8 @@ class DyRate(Policy):
     def keep(self, stage: int, probe: Probe, state) -> torch.Tensor | None:
         if probe.step == 0:
             self._check_n_img(probe)
-        elif self.every is not None and probe.step % self.every:
-            return None  # between decisions the kept set holds
+        elif not self.decides_at(probe.step):
+            return None  # between decisions the kept set holds (the engine does not ask there)
         net = self.net
         param = next(net.parameters())
         if param.device != probe.n_img.device:
