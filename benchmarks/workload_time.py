@@ -34,15 +34,13 @@ from dyrate.adapters.inputs import read_image
 from dyrate.api import generate, load
 from dyrate.evaluation.datasets import DEFAULT_CAPTION_PROMPT, DEFAULT_MAX_NEW_TOKENS, load_dataset
 from dyrate.policies import parse_policy
-
-
-POPE_SPLITS = ("random", "popular", "adversarial")
+from dyrate.testbed.language import POPE_SPLITS
 
 
 def workload(data: Path, captions: int, questions: int,
-             pope: tuple[str, ...] = ("adversarial",)) -> list[tuple[str, list, list[str]]]:
-    """[(task, images, prompts)] of the mixed workload, images decoded once: the first `captions`
-    captions, the first `questions` rows of vqa.jsonl and of each POPE split in `pope`."""
+             pope: tuple[str, ...] = ("adversarial",)) -> list[tuple[str, str, list, list[str]]]:
+    """[(task, file stem, images, prompts)] of the mixed workload, images decoded once: the first
+    `captions` captions, the first `questions` rows of vqa.jsonl and of each POPE split in `pope`."""
     out = []
     files = [("caption", "captions.json", captions), ("vqa", "vqa.jsonl", questions)]
     files += [("pope", f"pope_{split}.jsonl", questions) for split in pope]
@@ -50,7 +48,7 @@ def workload(data: Path, captions: int, questions: int,
         if n < 1:
             continue
         rows = load_dataset(task, data / file, limit=n).rows
-        out.append((task, [read_image(r.image) for r in rows], [r.question or DEFAULT_CAPTION_PROMPT for r in rows]))
+        out.append((task, Path(file).stem, [read_image(r.image) for r in rows], [r.question or DEFAULT_CAPTION_PROMPT for r in rows]))
     return out
 
 
@@ -62,8 +60,8 @@ def kind(task: str) -> str:
 def run_policy(model, processor, work, policy, mode: str, batch: int) -> tuple[dict[str, float], list]:
     """({"captions": seconds, "questions": seconds} for the whole workload, results); policy: a spec or a Policy."""
     results = []
-    seconds = {kind(t): 0.0 for t, _, _ in work}
-    for task, images, prompts in work:
+    seconds = {kind(t): 0.0 for t, _, _, _ in work}
+    for task, _, images, prompts in work:
         start = time.perf_counter()
         for i in range(0, len(prompts), batch):
             results += generate(model, processor, images[i:i + batch], prompts[i:i + batch], policy=policy, mode=mode,
@@ -78,10 +76,10 @@ def run_interleaved(model, processor, work, specs: dict, mode: str, batch: int, 
     (a second or so), so the machine's drift cancels within far shorter spans than whole-workload repeats.
     specs: {spec: its Policy}."""
     built, specs = specs, list(specs)
-    seconds = {s: {kind(t): 0.0 for t, _, _ in work} for s in specs}
+    seconds = {s: {kind(t): 0.0 for t, _, _, _ in work} for s in specs}
     results = {s: [] for s in specs}
     j = offset
-    for task, images, prompts in work:
+    for task, _, images, prompts in work:
         for i in range(0, len(prompts), batch):
             for spec in specs[j % len(specs):] + specs[: j % len(specs)]:
                 start = time.perf_counter()
@@ -128,8 +126,8 @@ def main() -> None:
     specs = list(built)  # as a user's loop would: a predictor file is read once, not per batch
     model, processor = load(args.model)
     work = workload(Path(args.data), args.captions, args.questions, pope)
-    n_rows = sum(len(p) for _, _, p in work)
-    rows_of = {k: sum(len(p) for t, _, p in work if kind(t) == k) for k in ("captions", "questions")}
+    n_rows = sum(len(p) for _, _, _, p in work)
+    rows_of = {k: sum(len(p) for t, _, _, p in work if kind(t) == k) for k in ("captions", "questions")}
     parts = [k for k in rows_of if rows_of[k]]
     times: dict[str, list[float]] = {s: [] for s in specs}  # whole workload, per repeat
     part_times: dict[str, dict[str, list[float]]] = {s: {k: [] for k in parts} for s in specs}
@@ -178,7 +176,7 @@ def main() -> None:
                 f"{row['parts'][k]['ms_per_row']:.1f} | {_range(row['parts'][k]['paired_ratios'])}" for k in parts) + " |")
     cond = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "dtype": str(next(model.parameters()).dtype), "mode": args.mode, "batch": args.batch_size,
-            "rows": {f: len(p) for f, (_, _, p) in zip(_names(work, pope), work)}, "repeats": args.repeats,
+            "rows": {name: len(p) for _, name, _, p in work}, "repeats": args.repeats,
             "interleave": args.interleave, "torch": torch.__version__}
     print(f"\nconditions: {cond}")
     print(json.dumps({"conditions": cond, "rows": rows}))
@@ -186,12 +184,6 @@ def main() -> None:
 
 def _range(ratios: list[float]) -> str:
     return f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}]"
-
-
-def _names(work, pope: tuple[str, ...]) -> list[str]:
-    """The file each part of the workload came from (the POPE splits in --pope order)."""
-    splits = iter(pope)
-    return [{"caption": "captions", "vqa": "vqa"}.get(t) or f"pope_{next(splits)}" for t, _, _ in work]
 
 
 if __name__ == "__main__":
